@@ -1,0 +1,1 @@
+"""HTTP APIs: the provider API (enrollment, pushes, topics) and the admin API."""

@@ -1,0 +1,249 @@
+"""The provider API: enrollment, pushes, push status and cancel, topic subscribers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from appliance import errors as E
+from appliance.accounts import Accounts
+from appliance.api.schemas import EnrollRequest, PushBatch, PushMessage, Subscribers, Target
+from appliance.broker import topics
+from appliance.directory import App, Device, Directory, secret_matches
+from appliance.dispatch import Accepted, Dispatcher, is_message_id
+from appliance.errors import ApiError
+from appliance.store import Store
+from appliance.store import devices as sql_devices
+from appliance.store import messages as sql_messages
+
+
+@dataclass
+class ProviderSettings:
+    max_batch: int
+    max_tokens: int
+    default_ttl_s: int
+    max_ttl_s: int
+    max_payload_bytes: int
+    status_detail_limit: int
+    public_host: str
+    mqtt_port: int
+    keepalive: dict[str, int]
+
+
+def bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ApiError(E.MISSING_CREDENTIALS)
+    return value.strip()
+
+
+async def read_json(request: web.Request) -> Any:
+    ctype = request.content_type
+    if request.body_exists and ctype not in ("application/json", "application/octet-stream", "text/plain"):
+        raise ApiError(E.WRONG_CONTENT_TYPE, f"Content-Type {ctype} is not application/json")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(E.MALFORMED_JSON, f"the body is not valid JSON: {exc}") from None
+
+
+def validate(model: type[BaseModel], doc: Any) -> Any:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        problems = [{"at": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
+                    for err in exc.errors(include_url=False, include_input=False)]
+        first = problems[0]
+        raise ApiError(E.INVALID_REQUEST, f"{first['at']}: {first['problem']}", problems=problems) from None
+
+
+class ProviderApi:
+    def __init__(self, settings: ProviderSettings, directory: Directory, dispatcher: Dispatcher, store: Store,
+                 accounts: Accounts) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.dispatcher = dispatcher
+        self.store = store
+        self.accounts = accounts
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/devices", self.handle_enroll),
+            web.get("/v1/devices/{token}", self.handle_device),
+            web.post("/v1/messages", self.handle_send),
+            web.get("/v1/messages/{id}", self.handle_status),
+            web.delete("/v1/messages/{id}", self.handle_cancel),
+            web.post("/v1/topics/{topic}/subscribers", self.handle_subscribe),
+            web.delete("/v1/topics/{topic}/subscribers", self.handle_unsubscribe),
+        ]
+
+    def _app(self, request: web.Request) -> App:
+        app = self.directory.app_for_key(bearer(request))
+        if app is None:
+            raise ApiError(E.WRONG_CREDENTIALS, "the API key is not valid (rotated or never issued)")
+        return app
+
+    # -- enrollment ------------------------------------------------------------------------------
+    async def handle_enroll(self, request: web.Request) -> web.Response:
+        secret = bearer(request)
+        req: EnrollRequest = validate(EnrollRequest, await read_json(request))
+        app = self.directory.apps.get(req.app_id)
+        if app is None or not secret_matches(secret, app.enrollment_secret_hash):
+            raise ApiError(E.WRONG_CREDENTIALS, "the enrollment secret is not valid for this app_id")
+        device, password = await self.accounts.enroll(app, req.model_dump())
+        host = self.settings.public_host or (request.url.host or "localhost")
+        cid = device.client_id
+        return web.json_response({
+            "token": device.token,
+            "mqtt": {"host": host, "port": self.settings.mqtt_port, "client_id": cid, "username": cid,
+                     "password": password},
+            "inbox_topic": topics.inbox_topic(cid),
+            "hello_topic": topics.hello_topic(cid),
+            "ack_topic": topics.ack_topic(cid),
+            "status_topic": topics.status_topic(cid),
+            "keepalive_s": self.settings.keepalive[device.platform],
+        }, status=201)
+
+    async def handle_device(self, request: web.Request) -> web.Response:
+        app = self._app(request)
+        device = await self._own_device(app, request.match_info["token"])
+        return web.json_response({
+            "token": device.token, "platform": device.platform, "alias": device.alias,
+            "online": device.id in self.dispatcher.online, "last_seq": device.last_seq,
+            "topics": sorted(device.topics),
+        })
+
+    async def _own_device(self, app: App, token: str) -> Device:
+        device = self.directory.by_token.get(token)
+        if device is not None and device.app_id == app.id:
+            return device
+        gone = await self._unregistered(app, [token])
+        raise ApiError(E.UNREGISTERED, **gone[0])
+
+    # -- pushes ----------------------------------------------------------------------------------
+    async def handle_send(self, request: web.Request) -> web.Response:
+        app = self._app(request)
+        doc = await read_json(request)
+        single = not (isinstance(doc, dict) and "messages" in doc)
+        if not single and isinstance(doc.get("messages"), list) and len(doc["messages"]) > self.settings.max_batch:
+            raise ApiError(E.BATCH_TOO_LARGE, f"{len(doc['messages'])} messages; at most {self.settings.max_batch}")
+        items: list[PushMessage] = [validate(PushMessage, doc)] if single else validate(PushBatch, doc).messages
+        results: list[dict[str, Any]] = []
+        accepted: list[Accepted] = []
+        for index, item in enumerate(items):
+            try:
+                acc, unregistered = await self._prepare(app, item)
+            except ApiError as exc:
+                if single:
+                    raise
+                results.append({"index": index, "error": exc.body()})
+                continue
+            accepted.append(acc)
+            results.append({"id": acc.message["id"], "targeted": len(acc.targets), "unregistered": unregistered})
+        if accepted:
+            await self.dispatcher.submit(accepted)
+        if single:
+            return web.json_response(results[0], status=202)
+        return web.json_response({"accepted": len(accepted), "refused": len(items) - len(accepted),
+                                  "results": results}, status=202)
+
+    async def _prepare(self, app: App, item: PushMessage) -> tuple[Accepted, list[dict[str, Any]]]:
+        s = self.settings
+        ttl = s.default_ttl_s if item.ttl_s is None else item.ttl_s
+        if ttl > s.max_ttl_s:
+            raise ApiError(E.TTL_TOO_LONG, f"ttl_s {ttl} is over push.max_ttl_s={s.max_ttl_s}")
+        targets, unregistered, target_doc = await self._resolve(app, item.to)
+        if not targets:
+            if item.to.token is not None:
+                raise ApiError(E.UNREGISTERED, **unregistered[0])
+            raise ApiError(E.NO_TARGET, f"the push targets nobody ({json.dumps(target_doc)})",
+                           unregistered=unregistered)
+        acc = self.dispatcher.prepare(app.id, item.model_dump(exclude={"to"}), targets, ttl, target_doc)
+        size = len(acc.body) + 1
+        if size > s.max_payload_bytes:
+            raise ApiError(E.PAYLOAD_TOO_LARGE, f"the push is {size} bytes; at most {s.max_payload_bytes}")
+        return acc, unregistered
+
+    async def _resolve(self, app: App, to: Target) -> tuple[list[Device], list[dict[str, Any]], dict[str, Any]]:
+        d = self.directory
+        if to.all:
+            return list(d.app_devices.get(app.id, {}).values()), [], {"all": True}
+        if to.topic is not None:
+            return list(d.topics.get((app.id, to.topic), {}).values()), [], {"topic": to.topic}
+        if to.alias is not None:
+            return list(d.aliases.get((app.id, to.alias), {}).values()), [], {"alias": to.alias}
+        tokens = [to.token] if to.token is not None else list(dict.fromkeys(to.tokens or []))
+        if len(tokens) > self.settings.max_tokens:
+            raise ApiError(E.TOO_MANY_TOKENS, f"{len(tokens)} tokens; at most {self.settings.max_tokens}")
+        found, missing = [], []
+        for token in tokens:
+            device = d.by_token.get(token) if isinstance(token, str) else None
+            if device is not None and device.app_id == app.id:
+                found.append(device)
+            else:
+                missing.append(token)
+        unregistered = await self._unregistered(app, missing) if missing else []
+        doc = {"token": to.token} if to.token is not None else {"tokens": len(tokens)}
+        return found, unregistered, doc
+
+    async def _unregistered(self, app: App, tokens: list[str]) -> list[dict[str, Any]]:
+        """Why each token cannot be sent to, with when it stopped being valid (APNs' 410 semantics)."""
+        def lookup(conn: Any) -> list[dict[str, Any]]:
+            out = []
+            for token in tokens:
+                row = sql_devices.find_token(conn, token)
+                if row is None or row["app_id"] != app.id:
+                    out.append({"token": token, "reason": "unknown", "unregistered_at": None})
+                else:
+                    out.append({"token": token, "reason": row["retired_reason"] or "retired",
+                                "unregistered_at": row["retired_at"]})
+            return out
+        return await self.store.read(lookup)
+
+    async def handle_status(self, request: web.Request) -> web.Response:
+        app = self._app(request)
+        mid = request.match_info["id"]
+        if not is_message_id(mid):
+            raise ApiError(E.BAD_MESSAGE_ID, f"{mid[:64]!r} is not a message id")
+        status = await self.store.read(sql_messages.message_status, app.id, mid, self.settings.status_detail_limit)
+        if status is None:
+            raise ApiError(E.MESSAGE_NOT_FOUND)
+        return web.json_response(status)
+
+    async def handle_cancel(self, request: web.Request) -> web.Response:
+        app = self._app(request)
+        mid = request.match_info["id"]
+        if not is_message_id(mid):
+            raise ApiError(E.BAD_MESSAGE_ID, f"{mid[:64]!r} is not a message id")
+        cancelled = await self.store.write(sql_messages.cancel_message, app.id, mid, self.dispatcher.clock())
+        if cancelled is None:
+            raise ApiError(E.MESSAGE_NOT_FOUND)
+        return web.json_response({"id": mid, "cancelled": cancelled})
+
+    # -- topics ----------------------------------------------------------------------------------
+    async def handle_subscribe(self, request: web.Request) -> web.Response:
+        return await self._subscription(request, subscribe=True)
+
+    async def handle_unsubscribe(self, request: web.Request) -> web.Response:
+        return await self._subscription(request, subscribe=False)
+
+    async def _subscription(self, request: web.Request, subscribe: bool) -> web.Response:
+        app = self._app(request)
+        topic = request.match_info["topic"]
+        if not (1 <= len(topic) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in topic)):
+            raise ApiError(E.BAD_TOPIC_NAME, f"{topic[:80]!r} is not a valid topic name")
+        req: Subscribers = validate(Subscribers, await read_json(request))
+        if len(req.tokens) > self.settings.max_tokens:
+            raise ApiError(E.TOO_MANY_TOKENS, f"{len(req.tokens)} tokens; at most {self.settings.max_tokens}")
+        found, unregistered, _ = await self._resolve(app, Target(tokens=req.tokens))
+        if found:
+            await self.accounts.set_subscription(app.id, topic, found, subscribe)
+        key = "subscribed" if subscribe else "unsubscribed"
+        return web.json_response({"topic": topic, key: len(found), "unregistered": unregistered,
+                                  "subscribers": len(self.directory.topics.get((app.id, topic), {}))})

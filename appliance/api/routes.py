@@ -1,0 +1,76 @@
+"""The HTTP applications: one route table each, and the one place that turns exceptions into answers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+from aiohttp import web
+
+from appliance import errors as E
+from appliance.api.openapi import openapi_document
+from appliance.errors import ApiError
+
+log = logging.getLogger("appliance.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: ApiError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.kind.http)
+
+
+@web.middleware
+async def handle_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        log.info("event=refused method=%s path=%s code=%d reason=%r", request.method, request.path,
+                 exc.kind.code, str(exc)[:200])
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(ApiError(E.BODY_TOO_LARGE, f"the body is over {exc.max_size} bytes"))
+    except web.HTTPNotFound:
+        return error_response(ApiError(E.ROUTE_NOT_FOUND, f"no endpoint {request.method} {request.path[:200]}"))
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(ApiError(E.METHOD_NOT_ALLOWED,
+                                       f"{request.method} is not allowed; use {', '.join(sorted(exc.allowed_methods))}"))
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("event=internal_error method=%s path=%s", request.method, request.path)
+        return error_response(ApiError(E.INTERNAL))
+
+
+def build_provider_app(routes: list[web.RouteDef], max_body_bytes: int,
+                       metrics: Callable[[], str]) -> web.Application:
+    app = web.Application(middlewares=[handle_errors], client_max_size=max_body_bytes)
+    app.add_routes(routes)
+    docs_html = resources.files("appliance").joinpath("static/docs.html").read_text(encoding="utf-8")
+    document = openapi_document()
+
+    async def handle_openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    async def handle_docs(request: web.Request) -> web.Response:
+        return web.Response(text=docs_html, content_type="text/html")
+
+    async def handle_health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def handle_metrics(request: web.Request) -> web.Response:
+        return web.Response(text=metrics(), content_type="text/plain", charset="utf-8")
+
+    app.add_routes([
+        web.get("/openapi.json", handle_openapi),
+        web.get("/docs", handle_docs),
+        web.get("/healthz", handle_health),
+        web.get("/metrics", handle_metrics),
+    ])
+    return app
+
+
+def build_admin_app(routes: list[web.RouteDef]) -> web.Application:
+    app = web.Application(middlewares=[handle_errors], client_max_size=1 << 20)
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,73 @@
+"""Request bodies of the provider API, validated strictly: unknown fields and wrong types are refused."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TOPIC_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Contact(Strict):
+    phone: str | None = Field(None, pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +4915112345678")
+    email: str | None = Field(None, pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$", max_length=254)
+
+
+class EnrollRequest(Strict):
+    app_id: str = Field(..., min_length=1, max_length=64)
+    platform: Literal["ios", "android", "web", "desktop"]
+    package: str = Field(..., pattern=NAME_PATTERN, description="bundle id / package name")
+    device_id: str = Field(..., min_length=1, max_length=200, description="stable per install")
+    alias: str | None = Field(None, min_length=1, max_length=128, description="e.g. the user's employee id")
+    contact: Contact | None = None
+
+
+class Target(Strict):
+    """Exactly one of the fields."""
+
+    token: str | None = Field(None, min_length=1, max_length=128)
+    tokens: list[str] | None = Field(None, min_length=1)
+    topic: str | None = Field(None, pattern=TOPIC_PATTERN)
+    alias: str | None = Field(None, min_length=1, max_length=128)
+    all: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> Target:
+        given = [k for k in ("token", "tokens", "topic", "alias", "all") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"`to` needs exactly one of token, tokens, topic, alias, all; got {given or 'none'}")
+        return self
+
+
+class PushMessage(Strict):
+    to: Target
+    title: str | None = Field(None, max_length=1024)
+    body: str | None = Field(None, max_length=4096)
+    data: dict[str, Any] | None = None
+    ttl_s: int | None = Field(None, ge=0, description="0: deliver to connected devices now or never")
+    priority: Literal["high", "normal"] | None = None
+    collapse_key: str | None = Field(None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def not_empty(self) -> PushMessage:
+        if self.title is None and self.body is None and not self.data:
+            raise ValueError("a push needs a title, a body or data")
+        return self
+
+
+class PushBatch(Strict):
+    messages: list[PushMessage] = Field(..., min_length=1)
+
+
+class Subscribers(Strict):
+    tokens: list[str] = Field(..., min_length=1)
+
+
+class NewAppRequest(Strict):
+    name: str = Field(..., pattern=NAME_PATTERN)

@@ -1,0 +1,41 @@
+"""The device topic layout and the topic ACL: a device reaches only its own four topics.
+
+    push/<client_id>/inbox   box -> device: pushes and resync notices (device subscribes, QoS 1)
+    push/<client_id>/hello   device -> box: {"cursor": N} after each (re)connect
+    push/<client_id>/ack     device -> box: {"ids": [...], "state": "received|displayed|opened"}
+    push/<client_id>/status  device's last will: {"online": false}
+"""
+
+from __future__ import annotations
+
+PREFIX = "push/"
+
+
+def inbox_topic(client_id: str) -> str:
+    return f"{PREFIX}{client_id}/inbox"
+
+
+def hello_topic(client_id: str) -> str:
+    return f"{PREFIX}{client_id}/hello"
+
+
+def ack_topic(client_id: str) -> str:
+    return f"{PREFIX}{client_id}/ack"
+
+
+def status_topic(client_id: str) -> str:
+    return f"{PREFIX}{client_id}/status"
+
+
+def device_publish_kind(client_id: str, topic: str) -> str | None:
+    """'hello', 'ack' or 'status' when `client_id` may publish to `topic`, else None."""
+    prefix = f"{PREFIX}{client_id}/"
+    if not topic.startswith(prefix):
+        return None
+    kind = topic[len(prefix):]
+    return kind if kind in ("hello", "ack", "status") else None
+
+
+def may_subscribe(client_id: str, topic_filter: str) -> bool:
+    """A device may subscribe to its own inbox only (no wildcards)."""
+    return topic_filter == inbox_topic(client_id)

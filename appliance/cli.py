@@ -1,0 +1,255 @@
+"""The `intrapush` command: serve, config, app, device."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.config import BY_NAME, SETTINGS, Config, ConfigError
+from appliance.errors import ApiError, ApplianceError
+
+DEFAULT_DATA_DIR = "./intrapush-data"
+
+
+def _fail(title: str, detail: str, code: int = 2) -> int:
+    print(f"intrapush: {title}\n{detail}", file=sys.stderr)
+    return code
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("INTRAPUSH_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+
+
+def _load_config(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> Config:
+    config_file = Path(args.config) if getattr(args, "config", None) else None
+    return Config.load(_data_dir(args), file=config_file, flags=flags)
+
+
+# -- serve ---------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.daemon import Daemon, prepare_data_dir
+    from appliance.logs import setup_logging
+
+    prepare_data_dir(_data_dir(args))
+    flags = {}
+    if args.http_listen is not None:
+        flags["api.listen"] = args.http_listen
+    if args.mqtt_listen is not None:
+        flags["broker.listen"] = args.mqtt_listen
+    cfg = _load_config(args, flags)
+    setup_logging(cfg.log.level, cfg.log.format, cfg.log.overrides)
+    try:
+        import uvloop  # optional extra: faster event loop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(Daemon(cfg).run())
+    return 0
+
+
+# -- config --------------------------------------------------------------------------------------
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    rows = []
+    for s in SETTINGS:
+        value = cfg.values[s.name]
+        rows.append({"key": s.name, "value": "***" if s.secret and value else value, "source": cfg.sources[s.name]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(r["key"]) for r in rows)
+        for r in rows:
+            print(f"{r['key']:<{width}}  {json.dumps(r['value'])}  ({r['source']})")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    print(f"{cfg.file}: ok ({len(BY_NAME)} settings)")
+    return 0
+
+
+# -- admin operations: through the running daemon's admin socket, else on the store directly -------
+class AdminClient:
+    """Runs admin operations through the daemon when it runs, else on the database file."""
+
+    def __init__(self, data_dir: Path, cfg: Config) -> None:
+        self.data_dir = data_dir
+        self.socket = cfg.path("api.admin_socket")
+        self.cfg = cfg
+
+    def daemon_running(self) -> bool:
+        run = self.data_dir / "run.json"
+        if not run.exists():
+            return False
+        try:
+            pid = json.loads(run.read_text())["pid"]
+            os.kill(pid, 0)
+        except (ValueError, KeyError, ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        import http.client
+        import socket
+
+        class UnixConnection(http.client.HTTPConnection):
+            def __init__(self, path: str) -> None:
+                super().__init__("localhost", timeout=30)
+                self.unix_path = path
+
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(self.unix_path)
+
+        conn = UnixConnection(str(self.socket))
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        doc = json.loads(resp.read() or b"null")
+        if resp.status >= 400:
+            raise SystemExit(_fail(f"the daemon refused: {doc.get('error')}", json.dumps(doc), 1))
+        return doc
+
+    def offline(self) -> Any:
+        from appliance.accounts import OfflineAccounts
+        from appliance.store import Store
+
+        return OfflineAccounts(Store(self.cfg.path("store.path"), self.cfg.store.synchronous))
+
+
+def _admin(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(_data_dir(args), _load_config(args))
+
+
+def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
+    print(json.dumps(doc, indent=2) if args.json else human)
+
+
+def cmd_app_create(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    if admin.daemon_running():
+        doc = admin.call("POST", "/admin/apps", {"name": args.name})
+    else:
+        doc = admin.offline().create_app(args.name).as_json()
+    _print(args, doc, "\n".join(f"{k}: {v}" for k, v in doc.items()) +
+           "\n(the API key and the enrollment secret are shown only now)")
+    return 0
+
+
+def cmd_app_list(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    apps = admin.call("GET", "/admin/apps") if admin.daemon_running() else admin.offline().list_apps()
+    _print(args, apps, "\n".join(f"{a['app_id']}  {a['name']}  devices={a['devices']}" for a in apps) or "no apps")
+    return 0
+
+
+def cmd_app_rotate(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    if admin.daemon_running():
+        doc = admin.call("POST", f"/admin/apps/{args.app}/rotate-key")
+    else:
+        doc = admin.offline().rotate_key(args.app)
+    _print(args, doc, f"app_id: {doc['app_id']}\napi_key: {doc['api_key']}\n(the old key no longer works)")
+    return 0
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    if admin.daemon_running():
+        query = f"?app={args.app}" if args.app else ""
+        devices = admin.call("GET", f"/admin/devices{query}")
+    else:
+        devices = admin.offline().list_devices(args.app)
+    lines = [f"{d['token']}  {d['platform']:<7} {d['package']}  {d['device_id']}  "
+             f"{'retired ' + str(d['retired_reason']) if d['retired_at'] else 'active'}" for d in devices]
+    _print(args, devices, "\n".join(lines) or "no devices")
+    return 0
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    if admin.daemon_running():
+        doc = admin.call("POST", f"/admin/devices/{args.token}/revoke")
+    else:
+        doc = admin.offline().revoke(args.token)
+    _print(args, doc, f"revoked {doc['token']}")
+    return 0
+
+
+def cmd_device_simulate(args: argparse.Namespace) -> int:
+    from appliance.device import simulate
+
+    return asyncio.run(simulate(args.url, args.app_id, args.secret, args.devices, args.seconds,
+                                args.platform, args.mqtt_host))
+
+
+# -- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help=f"data directory (env INTRAPUSH_DATA_DIR; default {DEFAULT_DATA_DIR})")
+    common.add_argument("--config", help="config file (default DATA_DIR/intrapush.toml)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    parser = argparse.ArgumentParser(prog="intrapush", description="Private push appliance for air-gapped networks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the daemon")
+    serve.add_argument("--http-listen", help="override api.listen (host:port)")
+    serve.add_argument("--mqtt-listen", help="override broker.listen (host:port)")
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="show or check the configuration").add_subparsers(dest="sub", required=True)
+    config.add_parser("show", parents=[common], help="every setting with its value and source").set_defaults(
+        func=cmd_config_show)
+    config.add_parser("check", parents=[common], help="validate the configuration").set_defaults(func=cmd_config_check)
+
+    app = sub.add_parser("app", help="provider apps").add_subparsers(dest="sub", required=True)
+    create = app.add_parser("create", parents=[common], help="create an app; prints its secrets once")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_app_create)
+    app.add_parser("list", parents=[common], help="list apps").set_defaults(func=cmd_app_list)
+    rotate = app.add_parser("rotate-key", parents=[common], help="issue a new API key; the old one stops working")
+    rotate.add_argument("app", help="app id or name")
+    rotate.set_defaults(func=cmd_app_rotate)
+
+    device = sub.add_parser("device", help="devices").add_subparsers(dest="sub", required=True)
+    dlist = device.add_parser("list", parents=[common], help="list device tokens")
+    dlist.add_argument("--app", help="only this app (id or name)")
+    dlist.set_defaults(func=cmd_device_list)
+    revoke = device.add_parser("revoke", parents=[common], help="revoke a token; its connection is closed")
+    revoke.add_argument("token")
+    revoke.set_defaults(func=cmd_device_revoke)
+    sim = device.add_parser("simulate", help="enroll simulated devices, connect them and print what they receive")
+    sim.add_argument("--url", default="http://127.0.0.1:8080", help="the box's HTTP API")
+    sim.add_argument("--app-id", required=True)
+    sim.add_argument("--secret", required=True, help="the app's enrollment secret")
+    sim.add_argument("--devices", type=int, default=1)
+    sim.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    sim.add_argument("--platform", default="desktop", choices=("ios", "android", "web", "desktop"))
+    sim.add_argument("--mqtt-host", help="override the MQTT host from the enrollment answer")
+    sim.set_defaults(func=cmd_device_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        return _fail("the configuration is invalid", "\n".join(f"  - {p}" for p in exc.problems))
+    except ApiError as exc:
+        return _fail(exc.kind.message, str(exc), 1)
+    except ApplianceError as exc:
+        return _fail("cannot continue", str(exc), 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

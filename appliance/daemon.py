@@ -1,0 +1,193 @@
+"""The composition root: builds, starts and stops every part of the box, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from appliance import metrics
+from appliance.accounts import Accounts
+from appliance.api.admin import AdminApi
+from appliance.api.provider import ProviderApi, ProviderSettings
+from appliance.api.routes import build_admin_app, build_provider_app
+from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, listener_config
+from appliance.config import CONFIG_FILE_NAME, Config, parse_listen, render_default_file
+from appliance.directory import Directory
+from appliance.dispatch import Dispatcher
+from appliance.errors import StartupError
+from appliance.store import Store
+from appliance.store import messages as sql_messages
+
+log = logging.getLogger("appliance.daemon")
+RUN_FILE = "run.json"
+PURGE_EVERY_S = 3600.0
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory (0700) and, on first start, the annotated config file."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config_file = data_dir / CONFIG_FILE_NAME
+    if not config_file.exists():
+        config_file.write_text(render_default_file(), encoding="utf-8")
+
+
+def _address(sock_name: tuple[Any, ...]) -> str:
+    host, port = sock_name[0], sock_name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.store: Store | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.directory = Directory()
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.addresses: dict[str, str] = {}
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        store = self.store = Store(cfg.path("store.path"), cfg.store.synchronous, cfg.store.max_group)
+        store.start()
+        dispatcher = self.dispatcher = Dispatcher(store, self.directory, cfg.push.inbox_limit)
+        accounts = Accounts(store, self.directory, dispatcher.drop_device)
+        accounts.load()
+
+        listeners = []
+        mqtt = parse_listen(cfg.broker.listen)
+        if mqtt:
+            listeners.append(("mqtt", "tcp", mqtt))
+        ws = parse_listen(cfg.broker.ws_listen)
+        if ws:
+            listeners.append(("mqtt-ws", "ws", ws))
+        if not listeners:
+            raise StartupError("no MQTT listener: set broker.listen or broker.ws_listen")
+        limits = BrokerLimits(cfg.broker.connect_timeout_s, cfg.broker.max_packet_bytes, cfg.broker.max_keepalive_s,
+                              cfg.broker.keepalive_grace, cfg.broker.max_write_buffer_bytes)
+        config = listener_config(listeners)
+        for item in config.values():
+            item["max_connections"] = cfg.broker.max_connections
+        self.broker = EmbeddedBroker(config, dispatcher, limits)
+        try:
+            await self.broker.start()
+        except Exception as exc:
+            raise StartupError(f"the MQTT broker cannot start: {exc.__cause__ or exc}") from exc
+        bound = self.broker.bound_addresses()
+        names = {"default": listeners[0][0], **{n: n for n, _, _ in listeners[1:]}}
+        for key, sockname in bound.items():
+            self.addresses[names[key]] = _address(sockname)
+        mqtt_port = cfg.broker.public_port or (bound["default"][1] if mqtt else 0)
+
+        settings = ProviderSettings(
+            max_batch=cfg.api.max_batch, max_tokens=cfg.api.max_tokens, default_ttl_s=cfg.push.default_ttl_s,
+            max_ttl_s=cfg.push.max_ttl_s, max_payload_bytes=cfg.push.max_payload_bytes,
+            status_detail_limit=cfg.push.status_detail_limit, public_host=cfg.broker.public_host,
+            mqtt_port=mqtt_port,
+            keepalive={"ios": cfg.broker.keepalive_ios_s, "android": cfg.broker.keepalive_android_s,
+                       "web": cfg.broker.keepalive_web_s, "desktop": cfg.broker.keepalive_desktop_s},
+        )
+        provider = ProviderApi(settings, self.directory, dispatcher, store, accounts)
+        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics)
+        host, port = parse_listen(cfg.api.listen) or ("127.0.0.1", 8080)
+        runner = web.AppRunner(http, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"the HTTP API cannot listen on {cfg.api.listen}: {exc.strerror}") from exc
+        self.addresses["http"] = _address(site._server.sockets[0].getsockname())  # noqa: SLF001
+
+        admin = AdminApi(accounts, self.status)
+        socket_path = self.cfg.path("api.admin_socket")
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        admin_runner = web.AppRunner(build_admin_app(admin.routes()), access_log=None, handle_signals=False)
+        await admin_runner.setup()
+        self._runners.append(admin_runner)
+        old_umask = os.umask(0o077)  # the socket is the admin API's access control: owner only
+        try:
+            await web.UnixSite(admin_runner, str(socket_path)).start()
+        finally:
+            os.umask(old_umask)
+        self.addresses["admin"] = str(socket_path)
+
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        (self.cfg.data_dir / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
+        for name, addr in self.addresses.items():
+            if name.startswith("mqtt") or name == "http":
+                log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
+                            "no TLS on this listener: use it only on a trusted network")
+        log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
+
+    async def _sweep_forever(self) -> None:
+        assert self.dispatcher is not None and self.store is not None
+        last_purge = time.monotonic()
+        while True:
+            await asyncio.sleep(self.cfg.push.expiry_sweep_s)
+            try:
+                await self.dispatcher.sweep()
+                if time.monotonic() - last_purge >= PURGE_EVERY_S:
+                    last_purge = time.monotonic()
+                    cutoff = time.time() - self.cfg.store.retention_days * 86400
+                    purged = await self.store.write(sql_messages.purge, cutoff)
+                    log.info("event=purged deliveries=%d", purged)
+            except Exception:
+                log.exception("event=sweep_failed")
+
+    def status(self) -> dict[str, Any]:
+        assert self.dispatcher is not None
+        return {"started_at": self.started_at, "addresses": self.addresses,
+                "devices_online": len(self.dispatcher.online), "metrics": self.metrics_snapshot()}
+
+    def metrics_snapshot(self) -> dict[str, float]:
+        return metrics.snapshot(self.dispatcher, self.broker, self.store, self.directory)
+
+    def render_metrics(self) -> str:
+        return metrics.render(self.metrics_snapshot())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+            log.info("event=stopping")
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop taking requests, close devices, finish queued writes, close the store."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.shutdown()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        with contextlib.suppress(FileNotFoundError):
+            (self.cfg.data_dir / RUN_FILE).unlink()
+        log.info("event=stopped")

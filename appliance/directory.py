@@ -1,0 +1,137 @@
+"""Who is enrolled: apps, active devices and topic subscribers, held in memory.
+
+Loaded from the store at start and updated only after the store committed the change, so the
+hot path (auth, target resolution) never reads the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of a high-entropy random secret: safe (no dictionary attack applies) and fast on the loop."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secret_matches(secret: str, digest: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), digest)
+
+
+def new_secret(prefix: str, nbytes: int = 32) -> str:
+    return prefix + secrets.token_urlsafe(nbytes)
+
+
+@dataclass(slots=True)
+class App:
+    id: str
+    name: str
+    api_key_hash: str
+    enrollment_secret_hash: str
+
+
+@dataclass(slots=True, eq=False)
+class Device:
+    id: int
+    app_id: str
+    token: str
+    client_id: str
+    password_hash: str
+    platform: str
+    package: str
+    device_id: str
+    alias: str | None
+    phone: str | None
+    email: str | None
+    last_seq: int
+    dropped_through: int
+    topics: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Device:
+        return cls(
+            id=row["id"], app_id=row["app_id"], token=row["token"], client_id=row["client_id"],
+            password_hash=row["mqtt_password_hash"], platform=row["platform"], package=row["package"],
+            device_id=row["device_id"], alias=row["alias"], phone=row["phone"], email=row["email"],
+            last_seq=row["last_seq"], dropped_through=row["dropped_through"],
+        )
+
+
+class Directory:
+    """In-memory indexes over apps and active devices."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, App] = {}
+        self.app_by_key: dict[str, str] = {}
+        self.by_token: dict[str, Device] = {}
+        self.by_client: dict[str, Device] = {}
+        self.by_id: dict[int, Device] = {}
+        self.by_identity: dict[tuple[str, str, str], Device] = {}
+        self.app_devices: dict[str, dict[int, Device]] = {}
+        self.aliases: dict[tuple[str, str], dict[int, Device]] = {}
+        self.topics: dict[tuple[str, str], dict[int, Device]] = {}
+
+    # -- apps ------------------------------------------------------------------------------------
+    def add_app(self, app: App) -> None:
+        old = self.apps.get(app.id)
+        if old is not None:
+            self.app_by_key.pop(old.api_key_hash, None)
+        self.apps[app.id] = app
+        self.app_by_key[app.api_key_hash] = app.id
+        self.app_devices.setdefault(app.id, {})
+
+    def app_for_key(self, api_key: str) -> App | None:
+        app_id = self.app_by_key.get(hash_secret(api_key))
+        return self.apps.get(app_id) if app_id else None
+
+    # -- devices ---------------------------------------------------------------------------------
+    def add_device(self, device: Device) -> None:
+        self.by_token[device.token] = device
+        self.by_client[device.client_id] = device
+        self.by_id[device.id] = device
+        self.by_identity[(device.app_id, device.package, device.device_id)] = device
+        self.app_devices.setdefault(device.app_id, {})[device.id] = device
+        if device.alias:
+            self.aliases.setdefault((device.app_id, device.alias), {})[device.id] = device
+
+    def remove_device(self, device: Device) -> None:
+        self.by_token.pop(device.token, None)
+        self.by_client.pop(device.client_id, None)
+        self.by_id.pop(device.id, None)
+        if self.by_identity.get((device.app_id, device.package, device.device_id)) is device:
+            del self.by_identity[(device.app_id, device.package, device.device_id)]
+        self.app_devices.get(device.app_id, {}).pop(device.id, None)
+        if device.alias:
+            members = self.aliases.get((device.app_id, device.alias), {})
+            members.pop(device.id, None)
+            if not members:
+                self.aliases.pop((device.app_id, device.alias), None)
+        for topic in device.topics:
+            subs = self.topics.get((device.app_id, topic), {})
+            subs.pop(device.id, None)
+            if not subs:
+                self.topics.pop((device.app_id, topic), None)
+        device.topics.clear()
+
+    def subscribe(self, device: Device, topic: str) -> None:
+        self.topics.setdefault((device.app_id, topic), {})[device.id] = device
+        device.topics.add(topic)
+
+    def unsubscribe(self, device: Device, topic: str) -> None:
+        subs = self.topics.get((device.app_id, topic))
+        if subs is not None:
+            subs.pop(device.id, None)
+            if not subs:
+                del self.topics[(device.app_id, topic)]
+        device.topics.discard(topic)
+
+    def authenticate_device(self, client_id: str, username: str | None, password: str | None) -> Device | None:
+        """The MQTT login: client id and username are the device's client id, password its MQTT secret."""
+        device = self.by_client.get(client_id)
+        if device is None or username != client_id or password is None:
+            return None
+        return device if secret_matches(password, device.password_hash) else None

@@ -1,0 +1,320 @@
+"""Delivery: persist accepted pushes, write them into connected devices' inboxes, catch devices up on
+hello, record acks, expire what outlived its TTL.
+
+The store is the truth: a push reaches a device either live (the device is connected and caught up
+when the push commits) or from the store when the device says hello with its cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.directory import Device, Directory
+from appliance.store import messages as sql_messages
+from appliance.store.devices import mark_seen
+
+log = logging.getLogger("appliance.dispatch")
+
+CONNECTED, CATCHING_UP, LIVE = 0, 1, 2
+MAX_TRACKED_SENT = 4096  # per connection: message id -> seq, to turn acks into primary-key updates
+MAX_CATCHUP_BUFFER = 10000  # live pushes held while a catch-up query runs; beyond it, query again
+
+
+class Link(Protocol):
+    """A device's connection, as the broker gives it."""
+
+    client_id: str
+    principal: Any
+    closed: bool
+
+    def send_push(self, payload: bytes) -> bool: ...
+    def close(self, reason: str, abort: bool = False) -> None: ...
+
+
+class Store(Protocol):
+    def write(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]: ...
+    def write_later(self, fn: Callable[..., Any], *args: Any) -> None: ...
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+def new_message_id(now: float) -> str:
+    """Time-ordered, random: `m` + 12 hex digits of milliseconds + 16 random hex digits."""
+    return f"m{int(now * 1000):012x}{os.urandom(8).hex()}"
+
+
+def is_message_id(value: str) -> bool:
+    return len(value) == 29 and value[0] == "m" and all(c in "0123456789abcdef" for c in value[1:])
+
+
+@dataclass(slots=True, eq=False)
+class Online:
+    """A connected device and where its delivery stands in this connection."""
+
+    device: Device
+    link: Link
+    state: int = CONNECTED
+    sent_through: int = 0
+    buffer: list[tuple[int, str, bytes]] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)
+    requery: bool = False
+
+
+@dataclass(slots=True)
+class Accepted:
+    """One push ready to persist: the message row, its targets, and the payload body sent to devices."""
+
+    message: dict[str, Any]
+    targets: list[Device]
+    body: bytes  # the payload JSON without its opening brace; a device gets {"seq":N, + body
+
+
+class Dispatcher:
+    """Implements the broker's DeviceGate and the delivery side of the provider API."""
+
+    def __init__(self, store: Store, directory: Directory, inbox_limit: int = 1000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.directory = directory
+        self.inbox_limit = inbox_limit
+        self.clock = clock
+        self.online: dict[int, Online] = {}
+        self._delivered: list[tuple[float, int, int]] = []
+        self._acks_by_seq: list[tuple[int, float, int, int, str, int]] = []
+        self._acks_by_id: list[tuple[int, float, str, int, int]] = []
+        self._seen: dict[int, float] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counters = {"accepted": 0, "delivered": 0, "acked": 0, "expired": 0, "resyncs": 0}
+
+    # -- broker events (DeviceGate) --------------------------------------------------------------
+    def authenticate(self, client_id: str, username: str | None, password: str | None) -> Device | None:
+        return self.directory.authenticate_device(client_id, username, password)
+
+    def handle_connected(self, link: Link) -> None:
+        device: Device = link.principal
+        if device.id not in self.directory.by_id:  # revoked between CONNECT and now
+            link.close("revoked")
+            return
+        self.online[device.id] = Online(device, link)
+        self._seen[device.id] = self.clock()
+        self._schedule_flush()
+
+    def handle_disconnected(self, link: Link, reason: str) -> None:
+        device: Device = link.principal
+        current = self.online.get(device.id)
+        if current is not None and current.link is link:
+            del self.online[device.id]
+            self._seen[device.id] = self.clock()
+            self._schedule_flush()
+            log.info("event=offline client=%s reason=%r", link.client_id, reason)
+
+    def handle_publish(self, link: Link, kind: str, payload: bytes) -> None:
+        online = self.online.get(link.principal.id)
+        if online is None or online.link is not link:
+            return
+        try:
+            doc = json.loads(payload) if payload else {}
+        except (ValueError, UnicodeDecodeError):
+            log.info("event=bad_device_message client=%s kind=%s reason=not_json", link.client_id, kind)
+            return
+        if not isinstance(doc, dict):
+            log.info("event=bad_device_message client=%s kind=%s reason=not_object", link.client_id, kind)
+            return
+        if kind == "hello":
+            cursor = doc.get("cursor", 0)
+            if not isinstance(cursor, int) or isinstance(cursor, bool) or cursor < 0:
+                log.info("event=bad_device_message client=%s kind=hello reason=bad_cursor", link.client_id)
+                return
+            self._spawn(self._catch_up(online, cursor))
+        elif kind == "ack":
+            self._record_ack(online, doc)
+        # "status" is the device's last will; presence already comes from the connection itself.
+
+    # -- provider side ---------------------------------------------------------------------------
+    def prepare(self, app_id: str, item: dict[str, Any], targets: list[Device], ttl_s: int,
+                target_doc: dict[str, Any]) -> Accepted:
+        now = self.clock()
+        mid = new_message_id(now)
+        expires_at = now + ttl_s
+        payload = {
+            "id": mid,
+            "app_id": app_id,
+            "title": item.get("title"),
+            "body": item.get("body"),
+            "data": item.get("data"),
+            "priority": item.get("priority") or "normal",
+            "collapse_key": item.get("collapse_key"),
+            "sent_at": round(now, 3),
+            "expires_at": round(expires_at, 3),
+        }
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        message = {
+            "id": mid, "app_id": app_id, "created_at": now, "expires_at": expires_at, "payload": text,
+            "collapse_key": item.get("collapse_key"), "target": json.dumps(target_doc), "targeted": len(targets),
+        }
+        return Accepted(message, targets, text[1:].encode())
+
+    async def submit(self, accepted: list[Accepted]) -> None:
+        """Allocate per-device seqs, commit every push, then deliver to connected devices."""
+        rows = []
+        plan: list[tuple[Accepted, list[tuple[int, int]]]] = []
+        for acc in accepted:
+            deliveries = []
+            for device in acc.targets:
+                device.last_seq += 1
+                deliveries.append((device.id, device.last_seq))
+            rows.append(sql_messages.NewPush(acc.message, deliveries))
+            plan.append((acc, deliveries))
+        await self.store.write(sql_messages.insert_pushes, rows)
+        self.counters["accepted"] += len(accepted)
+        for acc, deliveries in plan:
+            mid, body = acc.message["id"], acc.body
+            log.info("event=accepted id=%s app=%s targeted=%d", mid, acc.message["app_id"], len(deliveries))
+            online = self.online
+            for device_id, seq in deliveries:
+                entry = online.get(device_id)
+                if entry is not None:
+                    self._deliver(entry, seq, mid, body)
+
+    def _deliver(self, entry: Online, seq: int, mid: str, body: bytes) -> None:
+        if entry.state == LIVE:
+            if seq > entry.sent_through:
+                self._send(entry, seq, mid, body)
+        elif entry.state == CATCHING_UP:
+            if len(entry.buffer) < MAX_CATCHUP_BUFFER:
+                entry.buffer.append((seq, mid, body))
+            else:
+                entry.requery = True
+        # CONNECTED (no hello yet): the store has it; the hello's catch-up will send it.
+
+    def _send(self, entry: Online, seq: int, mid: str, body: bytes) -> None:
+        if not entry.link.send_push(b'{"seq":%d,' % seq + body):
+            return
+        entry.sent_through = seq
+        sent = entry.sent
+        sent[mid] = seq
+        if len(sent) > MAX_TRACKED_SENT:
+            del sent[next(iter(sent))]
+        self._delivered.append((self.clock(), entry.device.id, seq))
+        self.counters["delivered"] += 1
+        log.debug("event=delivered id=%s client=%s seq=%d", mid, entry.link.client_id, seq)
+        self._schedule_flush()
+
+    async def _catch_up(self, entry: Online, cursor: int) -> None:
+        device = entry.device
+        entry.state = CATCHING_UP
+        entry.buffer = []
+        entry.sent_through = cursor
+        while True:
+            entry.requery = False
+            rows = await self.store.read(sql_messages.select_pending, device.id, entry.sent_through, self.clock())
+            if entry.link.closed or self.online.get(device.id) is not entry:
+                return
+            if len(rows) > self.inbox_limit:
+                through = rows[len(rows) - self.inbox_limit - 1][0]
+                self.store.write_later(sql_messages.drop_through, device.id, through, self.clock())
+                device.dropped_through = max(device.dropped_through, through)
+                rows = rows[len(rows) - self.inbox_limit:]
+            if cursor < device.dropped_through and entry.sent_through < device.dropped_through:
+                self._send_resync(entry, device.dropped_through)
+            for seq, mid, payload in rows:
+                if seq > entry.sent_through:
+                    self._send(entry, seq, mid, payload[1:].encode())
+            if not entry.requery:
+                break
+        buffered, entry.buffer = entry.buffer, []
+        for seq, mid, body in buffered:
+            if seq > entry.sent_through:
+                self._send(entry, seq, mid, body)
+        entry.state = LIVE
+
+    def _send_resync(self, entry: Online, through: int) -> None:
+        notice = json.dumps({"type": "resync", "through": through}).encode()
+        if entry.link.send_push(notice):
+            entry.sent_through = max(entry.sent_through, through)
+            self.counters["resyncs"] += 1
+            log.info("event=resync client=%s through=%d", entry.link.client_id, through)
+
+    def _record_ack(self, entry: Online, doc: dict[str, Any]) -> None:
+        ids, state = doc.get("ids"), doc.get("state", "received")
+        rank = sql_messages.ACK_RANKS.get(state) if isinstance(state, str) else None
+        if not isinstance(ids, list) or rank is None or len(ids) > 1000:
+            log.info("event=bad_device_message client=%s kind=ack reason=bad_fields", entry.link.client_id)
+            return
+        now = self.clock()
+        device_id = entry.device.id
+        for mid in ids:
+            if not isinstance(mid, str) or not is_message_id(mid):
+                continue
+            seq = entry.sent.pop(mid, None) if rank == 1 else entry.sent.get(mid)
+            if seq is not None:
+                self._acks_by_seq.append((rank, now, device_id, seq, mid, rank))
+            else:
+                self._acks_by_id.append((rank, now, mid, device_id, rank))
+            self.counters["acked"] += 1
+        self._schedule_flush()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(0.02, self.flush_marks)
+
+    def flush_marks(self) -> None:
+        """Queue delivered marks, acks and last-seen times as one write (group-committed, not awaited)."""
+        self._flush_handle = None
+        delivered, self._delivered = self._delivered, []
+        by_seq, self._acks_by_seq = self._acks_by_seq, []
+        by_id, self._acks_by_id = self._acks_by_id, []
+        seen, self._seen = self._seen, {}
+        if delivered or by_seq or by_id or seen:
+            self.store.write_later(_write_marks, delivered, by_seq, by_id, [(t, d) for d, t in seen.items()])
+
+    def drop_device(self, device: Device, reason: str) -> None:
+        """Close a revoked or re-enrolled device's connection."""
+        entry = self.online.pop(device.id, None)
+        if entry is not None:
+            entry.link.close(reason)
+
+    async def sweep(self) -> None:
+        expired, trimmed = await self.store.write(sql_messages.sweep, self.clock(), self.inbox_limit)
+        self.counters["expired"] += expired
+        for device_id, through in trimmed:
+            device = self.directory.by_id.get(device_id)
+            if device is not None:
+                device.dropped_through = max(device.dropped_through, through)
+        if expired or trimmed:
+            log.info("event=swept expired=%d trimmed_inboxes=%d", expired, len(trimmed))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event=task_failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self.flush_marks()
+
+
+def _write_marks(conn: Any, delivered: list[tuple[float, int, int]], by_seq: list[Any], by_id: list[Any],
+                 seen: list[tuple[float, int]]) -> None:
+    if delivered:
+        sql_messages.mark_delivered(conn, delivered)
+    sql_messages.mark_acked(conn, by_seq, by_id)
+    if seen:
+        mark_seen(conn, seen)

@@ -1,0 +1,44 @@
+"""Counters and gauges in one place, rendered in the Prometheus text format at /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+HELP = {
+    "intrapush_pushes_accepted_total": ("counter", "pushes committed to disk and answered 202"),
+    "intrapush_deliveries_sent_total": ("counter", "pushes written to a device connection"),
+    "intrapush_acks_total": ("counter", "acknowledgements received from devices"),
+    "intrapush_deliveries_expired_total": ("counter", "inbox rows that outlived their TTL unacknowledged"),
+    "intrapush_resyncs_total": ("counter", "resync notices sent after an inbox overflow"),
+    "intrapush_mqtt_connects_accepted_total": ("counter", "MQTT logins accepted"),
+    "intrapush_mqtt_connects_refused_total": ("counter", "MQTT connections refused before or at CONNECT"),
+    "intrapush_devices_online": ("gauge", "devices connected now"),
+    "intrapush_devices_enrolled": ("gauge", "active device tokens"),
+    "intrapush_store_commits_total": ("counter", "SQLite transactions committed by the writer"),
+    "intrapush_store_writes_total": ("counter", "writes committed (several per transaction when grouped)"),
+}
+
+
+def snapshot(dispatcher: Any, broker: Any, store: Any, directory: Any) -> dict[str, float]:
+    c = dispatcher.counters
+    return {
+        "intrapush_pushes_accepted_total": c["accepted"],
+        "intrapush_deliveries_sent_total": c["delivered"],
+        "intrapush_acks_total": c["acked"],
+        "intrapush_deliveries_expired_total": c["expired"],
+        "intrapush_resyncs_total": c["resyncs"],
+        "intrapush_mqtt_connects_accepted_total": broker.accepted,
+        "intrapush_mqtt_connects_refused_total": broker.refused,
+        "intrapush_devices_online": len(dispatcher.online),
+        "intrapush_devices_enrolled": len(directory.by_id),
+        "intrapush_store_commits_total": store.commits,
+        "intrapush_store_writes_total": store.committed_writes,
+    }
+
+
+def render(values: dict[str, float]) -> str:
+    lines = []
+    for name, value in values.items():
+        kind, text = HELP[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+    return "\n".join(lines) + "\n"

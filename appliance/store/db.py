@@ -1,0 +1,287 @@
+"""The SQLite store: numbered migrations, one writer thread that group-commits, and a read pool.
+
+Every write is a function of a connection, queued to the writer thread; the writer runs as many
+queued writes as it finds (up to `max_group`) inside one `BEGIN IMMEDIATE` transaction, each in its
+own savepoint, then commits once. A write's future resolves only after that COMMIT returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from appliance.errors import StoreError
+
+log = logging.getLogger("appliance.store")
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: apps, devices, topics, messages and per-device inbox rows
+    """
+    CREATE TABLE apps (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        api_key_hash TEXT NOT NULL,
+        enrollment_secret_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        key_rotated_at REAL
+    );
+    CREATE TABLE devices (
+        id INTEGER PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id),
+        token TEXT NOT NULL UNIQUE,
+        client_id TEXT NOT NULL UNIQUE,
+        mqtt_password_hash TEXT NOT NULL,
+        platform TEXT NOT NULL,
+        package TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        alias TEXT,
+        phone TEXT,
+        email TEXT,
+        created_at REAL NOT NULL,
+        retired_at REAL,
+        retired_reason TEXT,
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        dropped_through INTEGER NOT NULL DEFAULT 0,
+        last_seen REAL
+    );
+    CREATE UNIQUE INDEX devices_identity ON devices(app_id, package, device_id) WHERE retired_at IS NULL;
+    CREATE TABLE topic_subscribers (
+        app_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        device INTEGER NOT NULL REFERENCES devices(id),
+        PRIMARY KEY (app_id, topic, device)
+    ) WITHOUT ROWID;
+    CREATE INDEX topic_subscribers_device ON topic_subscribers(device);
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        payload TEXT NOT NULL,
+        collapse_key TEXT,
+        target TEXT NOT NULL,
+        targeted INTEGER NOT NULL,
+        cancelled_at REAL
+    );
+    CREATE TABLE deliveries (
+        device INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        ack INTEGER,
+        expires_at REAL NOT NULL,
+        collapse_key TEXT,
+        updated_at REAL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_message ON deliveries(message_id);
+    CREATE INDEX deliveries_expiry ON deliveries(expires_at) WHERE state < 2;
+    CREATE INDEX deliveries_collapse ON deliveries(collapse_key, device) WHERE state < 2 AND collapse_key IS NOT NULL;
+    """,
+)
+
+SQL_CREATE_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version, one transaction per migration; return the version."""
+    conn.execute(SQL_CREATE_VERSION)
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    version = row[0] if row else 0
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the database has schema version {version}, newer than this intrapush knows ({len(MIGRATIONS)}); "
+            "run the newer release or restore a backup"
+        )
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(None, (s.strip() for s in MIGRATIONS[number - 1].split(";"))):
+                conn.execute(statement)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("event=migrated version=%d", number)
+    return len(MIGRATIONS)
+
+
+class _Job:
+    __slots__ = ("fn", "args", "future", "loop")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future[Any] | None,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
+        self.fn = fn
+        self.args = args
+        self.future = future
+        self.loop = loop
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Store:
+    """The database file: `write()` group-commits on the writer thread, `read()` uses a pool."""
+
+    def __init__(self, path: Path, synchronous: str = "full", max_group: int = 256, readers: int = 2) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.max_group = max_group
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.commits = 0
+        self.committed_writes = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = _connect(path, synchronous)
+            self.version = migrate(self._conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}") from exc
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_writer, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish every queued write, then close all connections."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+        self._conn.close()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """sqlite-utils view of the writer connection; only for use before start() or after close()."""
+        return sqlite_utils.Database(self._conn)
+
+    # -- writes ----------------------------------------------------------------------------------
+    def write(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue `fn(conn, *args)`; the future resolves once its transaction has committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, args, future, loop))
+        return future
+
+    def write_later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a write nobody waits for (bookkeeping such as delivered marks)."""
+        self._queue.put(_Job(fn, args, None, None))
+
+    def write_now(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a write on the caller's thread, outside the writer (only while the writer is stopped)."""
+        assert self._thread is None, "write_now while the writer runs"
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(self._conn, *args)
+            self._conn.execute("COMMIT")
+            return result
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _run_writer(self) -> None:
+        conn = self._conn
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_group:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            self._commit_batch(conn, batch)
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn, *job.args)
+                    conn.execute("RELEASE job")
+                    outcomes.append((result, None))
+                except Exception as exc:  # one bad write must not sink the others
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((None, exc))
+                    if job.future is None:
+                        log.exception("event=write_failed fn=%s", getattr(job.fn, "__name__", job.fn))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.committed_writes += len(batch)
+        except Exception as exc:
+            log.exception("event=commit_failed writes=%d", len(batch))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(None, StoreError(f"commit failed: {exc}"))] * len(batch)
+        for job, (result, error) in zip(batch, outcomes):
+            if job.future is not None and job.loop is not None:
+                try:
+                    job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+                except RuntimeError:  # loop already closed: nobody is waiting any more
+                    pass
+
+    # -- reads -----------------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, self.synchronous)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` on a read connection in the pool; sees every committed write."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: fn(self._reader(), *args))
+
+    def read_now(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read on the writer connection from the caller's thread (start-up, CLI)."""
+        return fn(self._conn, *args)

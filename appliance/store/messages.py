@@ -1,0 +1,167 @@
+"""Pushes and the per-device inbox rows (deliveries) that make each one durable until acked."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+# Delivery states; below ACKED a row is pending.
+QUEUED, DELIVERED, ACKED, EXPIRED, CANCELLED, REPLACED, DROPPED, RETIRED = range(8)
+STATE_NAMES = ("queued", "delivered", "acked", "expired", "cancelled", "replaced", "dropped", "unregistered")
+ACK_RANKS = {"received": 1, "displayed": 2, "opened": 3}
+ACK_NAMES = {v: k for k, v in ACK_RANKS.items()}
+
+SQL_INSERT_MESSAGE = """
+INSERT INTO messages (id, app_id, created_at, expires_at, payload, collapse_key, target, targeted)
+VALUES (:id, :app_id, :created_at, :expires_at, :payload, :collapse_key, :target, :targeted)
+"""
+SQL_INSERT_DELIVERY = """
+INSERT INTO deliveries (device, seq, message_id, state, expires_at, collapse_key, updated_at)
+VALUES (?, ?, ?, 0, ?, ?, ?)
+"""
+SQL_SET_LAST_SEQ = "UPDATE devices SET last_seq = ? WHERE id = ?"
+SQL_REPLACE_COLLAPSED = """
+UPDATE deliveries SET state = 5, updated_at = ?
+WHERE collapse_key = ? AND device = ? AND state < 2 AND collapse_key IS NOT NULL
+"""
+SQL_MARK_DELIVERED = "UPDATE deliveries SET state = 1, updated_at = ? WHERE device = ? AND seq = ? AND state = 0"
+SQL_MARK_ACKED_BY_SEQ = """
+UPDATE deliveries SET state = 2, ack = ?, updated_at = ?
+WHERE device = ? AND seq = ? AND message_id = ? AND (ack IS NULL OR ack < ?)
+"""
+SQL_MARK_ACKED_BY_ID = """
+UPDATE deliveries SET state = 2, ack = ?, updated_at = ?
+WHERE message_id = ? AND device = ? AND (ack IS NULL OR ack < ?)
+"""
+SQL_PENDING = """
+SELECT d.seq, d.message_id, m.payload
+FROM deliveries d JOIN messages m ON m.id = d.message_id
+WHERE d.device = ? AND d.seq > ? AND d.state < 2 AND d.expires_at > ?
+ORDER BY d.seq
+"""
+SQL_DROP_THROUGH = """
+UPDATE deliveries SET state = 6, updated_at = ? WHERE device = ? AND seq <= ? AND state < 2
+"""
+SQL_SET_DROPPED_THROUGH = "UPDATE devices SET dropped_through = max(dropped_through, ?) WHERE id = ?"
+SQL_EXPIRE = "UPDATE deliveries SET state = 3, updated_at = ? WHERE state < 2 AND expires_at <= ?"
+SQL_OVERFULL = "SELECT device, count(*) FROM deliveries WHERE state < 2 GROUP BY device HAVING count(*) > ?"
+SQL_NTH_PENDING = "SELECT seq FROM deliveries WHERE device = ? AND state < 2 ORDER BY seq DESC LIMIT 1 OFFSET ?"
+SQL_MESSAGE = """
+SELECT id, app_id, created_at, expires_at, collapse_key, target, targeted, cancelled_at
+FROM messages WHERE id = ? AND app_id = ?
+"""
+SQL_STATE_COUNTS = "SELECT state, count(*) FROM deliveries WHERE message_id = ? GROUP BY state"
+SQL_ACK_COUNTS = "SELECT ack, count(*) FROM deliveries WHERE message_id = ? AND ack IS NOT NULL GROUP BY ack"
+SQL_PER_TOKEN = """
+SELECT dv.token, d.state, d.ack, d.updated_at FROM deliveries d JOIN devices dv ON dv.id = d.device
+WHERE d.message_id = ? ORDER BY d.device
+"""
+SQL_CANCEL_MESSAGE = "UPDATE messages SET cancelled_at = ? WHERE id = ? AND app_id = ? AND cancelled_at IS NULL"
+SQL_CANCEL_DELIVERIES = "UPDATE deliveries SET state = 4, updated_at = ? WHERE message_id = ? AND state < 2"
+SQL_PURGE_DELIVERIES = "DELETE FROM deliveries WHERE state >= 2 AND updated_at < ?"
+SQL_PURGE_MESSAGES = """
+DELETE FROM messages WHERE created_at < ?
+AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id)
+"""
+
+
+@dataclass(slots=True)
+class NewPush:
+    """One accepted push: its message row and its inbox rows, (device, seq) each."""
+
+    message: dict[str, Any]
+    deliveries: list[tuple[int, int]]
+
+
+def insert_pushes(conn: sqlite3.Connection, pushes: list[NewPush]) -> None:
+    """Persist a request's pushes; a collapse key first retires the older pending pushes it replaces."""
+    for push in pushes:
+        msg = push.message
+        now, ck, mid, exp = msg["created_at"], msg["collapse_key"], msg["id"], msg["expires_at"]
+        if ck is not None:
+            conn.executemany(SQL_REPLACE_COLLAPSED, [(now, ck, device) for device, _ in push.deliveries])
+        conn.execute(SQL_INSERT_MESSAGE, msg)
+        conn.executemany(SQL_INSERT_DELIVERY, [(device, seq, mid, exp, ck, now) for device, seq in push.deliveries])
+        conn.executemany(SQL_SET_LAST_SEQ, [(seq, device) for device, seq in push.deliveries])
+
+
+def mark_delivered(conn: sqlite3.Connection, rows: list[tuple[float, int, int]]) -> None:
+    """rows: (now, device, seq)."""
+    conn.executemany(SQL_MARK_DELIVERED, rows)
+
+
+def mark_acked(conn: sqlite3.Connection, by_seq: list[tuple[int, float, int, int, str, int]],
+               by_id: list[tuple[int, float, str, int, int]]) -> None:
+    """Record acks; an ack only ever raises a row's ack rank (received < displayed < opened)."""
+    if by_seq:
+        conn.executemany(SQL_MARK_ACKED_BY_SEQ, by_seq)
+    if by_id:
+        conn.executemany(SQL_MARK_ACKED_BY_ID, by_id)
+
+
+def select_pending(conn: sqlite3.Connection, device: int, after_seq: int, now: float) -> list[tuple[int, str, str]]:
+    """Pending, unexpired pushes of a device above its cursor, in seq order: (seq, message_id, payload)."""
+    return conn.execute(SQL_PENDING, (device, after_seq, now)).fetchall()
+
+
+def drop_through(conn: sqlite3.Connection, device: int, seq: int, now: float) -> None:
+    """Drop a device's pending pushes up to `seq` (inbox overflow); the device will be told to resync."""
+    conn.execute(SQL_DROP_THROUGH, (now, device, seq))
+    conn.execute(SQL_SET_DROPPED_THROUGH, (seq, device))
+
+
+def sweep(conn: sqlite3.Connection, now: float, inbox_limit: int) -> tuple[int, list[tuple[int, int]]]:
+    """Expire what outlived its TTL and trim overfull inboxes; returns (expired, [(device, dropped_through)])."""
+    expired = conn.execute(SQL_EXPIRE, (now, now)).rowcount
+    trimmed = []
+    for device, _count in conn.execute(SQL_OVERFULL, (inbox_limit,)).fetchall():
+        row = conn.execute(SQL_NTH_PENDING, (device, inbox_limit)).fetchone()
+        if row:
+            drop_through(conn, device, row[0], now)
+            trimmed.append((device, row[0]))
+    return expired, trimmed
+
+
+def purge(conn: sqlite3.Connection, before: float) -> int:
+    """Delete finished inbox rows and messages older than the retention cutoff."""
+    n = conn.execute(SQL_PURGE_DELIVERIES, (before,)).rowcount
+    conn.execute(SQL_PURGE_MESSAGES, (before,))
+    return n
+
+
+def cancel_message(conn: sqlite3.Connection, app_id: str, message_id: str, now: float) -> int | None:
+    """Cancel what is still pending; None when no such message belongs to the app."""
+    if conn.execute(SQL_MESSAGE, (message_id, app_id)).fetchone() is None:
+        return None
+    conn.execute(SQL_CANCEL_MESSAGE, (now, message_id, app_id))
+    return conn.execute(SQL_CANCEL_DELIVERIES, (now, message_id)).rowcount
+
+
+def message_status(conn: sqlite3.Connection, app_id: str, message_id: str, detail_limit: int) -> dict[str, Any] | None:
+    row = conn.execute(SQL_MESSAGE, (message_id, app_id)).fetchone()
+    if row is None:
+        return None
+    mid, _app, created_at, expires_at, collapse_key, _target, targeted, cancelled_at = row
+    counts = {name: 0 for name in STATE_NAMES}
+    for state, n in conn.execute(SQL_STATE_COUNTS, (mid,)):
+        counts[STATE_NAMES[state]] = n
+    acks = {name: 0 for name in ACK_RANKS}
+    for rank, n in conn.execute(SQL_ACK_COUNTS, (mid,)):
+        acks[ACK_NAMES[rank]] = n
+    status: dict[str, Any] = {
+        "id": mid,
+        "created_at": created_at,
+        "expires_at": expires_at,
+        "collapse_key": collapse_key,
+        "cancelled_at": cancelled_at,
+        "targeted": targeted,
+        "counts": counts,
+        "acks": acks,
+    }
+    if targeted <= detail_limit:
+        status["tokens"] = {
+            token: {"state": STATE_NAMES[state], "ack": ACK_NAMES.get(ack), "updated_at": updated}
+            for token, state, ack, updated in conn.execute(SQL_PER_TOKEN, (mid,))
+        }
+    return status
