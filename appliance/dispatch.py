@@ -33,6 +33,7 @@ class Link(Protocol):
     client_id: str
     principal: Any
     closed: bool
+    subscribed: bool
 
     def send_push(self, payload: bytes) -> bool: ...
     def close(self, reason: str, abort: bool = False) -> None: ...
@@ -192,7 +193,9 @@ class Dispatcher:
                 entry.buffer.append((seq, mid, body))
             else:
                 entry.requery = True
-        # CONNECTED (no hello yet): the store has it; the hello's catch-up will send it.
+        elif entry.link.subscribed and seq > entry.sent_through:
+            # Subscribed but no hello (yet): a plain MQTT client gets live pushes; catch-up needs a hello.
+            self._send(entry, seq, mid, body)
 
     def _send(self, entry: Online, seq: int, mid: str, body: bytes) -> None:
         if not entry.link.send_push(b'{"seq":%d,' % seq + body):

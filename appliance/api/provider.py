@@ -113,9 +113,11 @@ class ProviderApi:
     async def handle_device(self, request: web.Request) -> web.Response:
         app = self._app(request)
         device = await self._own_device(app, request.match_info["token"])
+        online = self.dispatcher.online.get(device.id)
         return web.json_response({
             "token": device.token, "platform": device.platform, "alias": device.alias,
-            "online": device.id in self.dispatcher.online, "last_seq": device.last_seq,
+            "online": online is not None, "subscribed": online is not None and online.link.subscribed,
+            "last_seq": device.last_seq,
             "topics": sorted(device.topics),
         })
 
