@@ -1,0 +1,274 @@
+"""The embedded broker faces hostile and broken clients: raw MQTT packets on a real socket.
+
+Where a defect is generic, the same probe also runs against stock amqtt 0.12.1 and must fail there
+(strict xfail): the test proves it detects the defect the hardened broker fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Box, PahoDevice, wait_for
+
+DATA = Path(__file__).parent.parent / "data"
+STOCK = pytest.param("stock-amqtt", marks=pytest.mark.xfail(strict=True, reason="defect of stock amqtt 0.12.1"))
+
+
+def _string(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    out, n = bytearray([first]), len(body)
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out) + body
+
+
+def connect_packet(client_id: str, user: str | None, password: str | None, keepalive: int = 60,
+                   level: int = 4) -> bytes:
+    flags = 0x02 | (0x80 if user else 0) | (0x40 if password else 0)
+    payload = _string(client_id) + (_string(user) if user else b"") + (_string(password) if password else b"")
+    return _packet(0x10, _string("MQTT") + bytes([level, flags]) + struct.pack("!H", keepalive) + payload)
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, retain: bool = False, pid: int = 1) -> bytes:
+    body = _string(topic) + (struct.pack("!H", pid) if qos else b"") + payload
+    return _packet(0x30 | (qos << 1) | int(retain), body)
+
+
+def subscribe_packet(topic: str, pid: int = 1) -> bytes:
+    return _packet(0x82, struct.pack("!H", pid) + _string(topic) + b"\x01")
+
+
+def read_packet(sock: socket.socket, timeout: float = 5) -> tuple[int, bytes]:
+    sock.settimeout(timeout)
+    head = _recv_exactly(sock, 2)
+    length, mult, digit = head[1] & 0x7F, 128, head[1]
+    while digit & 0x80:
+        digit = _recv_exactly(sock, 1)[0]
+        length += (digit & 0x7F) * mult
+        mult *= 128
+    return head[0], _recv_exactly(sock, length) if length else b""
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the peer closes the connection within `seconds` (data before EOF is read and dropped)."""
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except (TimeoutError, socket.timeout):
+        return False
+    return False
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    box: Box | None
+
+    def credentials(self, label: str = "") -> tuple[str, str | None, str | None, dict | None]:
+        if self.box is None:
+            cid = f"probe-{label}-{uuid.uuid4().hex[:6]}"
+            return cid, None, None, None
+        app = self.box.create_app("probe-" + uuid.uuid4().hex[:8])
+        e = self.box.enroll(app, f"probe-{label}")
+        return e["mqtt"]["client_id"], e["mqtt"]["username"], e["mqtt"]["password"], e
+
+    def open(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def login(self, label: str = "", keepalive: int = 60) -> tuple[socket.socket, str]:
+        cid, user, password, _ = self.credentials(label)
+        sock = self.open()
+        sock.sendall(connect_packet(cid, user, password, keepalive))
+        kind, body = read_packet(sock)
+        assert kind == 0x20 and body[1] == 0, body
+        return sock, cid
+
+
+@pytest.fixture(scope="module")
+def hardened_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    env = {"INTRAPUSH_BROKER_CONNECT_TIMEOUT_S": "1", "INTRAPUSH_BROKER_MAX_PACKET_BYTES": "4096"}
+    box = Box(tmp_path_factory.mktemp("hard") / "box", env=env).start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture(scope="module")
+def stock_port() -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, str(DATA / "stock_amqtt.py")], stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(params=["intrapush", STOCK])
+def target(request: pytest.FixtureRequest, hardened_box: Box) -> Target:
+    if request.param == "intrapush":
+        return Target("intrapush", hardened_box.mqtt_port, hardened_box)
+    return Target("stock-amqtt", request.getfixturevalue("stock_port"), None)
+
+
+def test_silent_client_is_closed_after_keepalive_times_grace(target: Target) -> None:
+    sock, _ = target.login("silent", keepalive=1)
+    started = time.monotonic()
+    assert closed_within(sock, 4)
+    assert 1.3 <= time.monotonic() - started <= 3.5
+
+
+def test_connection_that_sends_no_connect_is_closed(target: Target) -> None:
+    sock = target.open()
+    assert closed_within(sock, 3)
+
+
+def test_first_packet_other_than_connect_is_refused(target: Target) -> None:
+    sock = target.open()
+    sock.sendall(b"\xc0\x00")  # PINGREQ
+    assert closed_within(sock, 2)
+
+
+def test_malformed_remaining_length_closes_the_connection(target: Target) -> None:
+    sock, _ = target.login("badlen")
+    sock.sendall(b"\x30\xff\xff\xff\xff\x01")
+    assert closed_within(sock, 2)
+
+
+def test_topic_longer_than_the_packet_closes_the_connection(target: Target) -> None:
+    sock, _ = target.login("badtopic")
+    sock.sendall(_packet(0x30, struct.pack("!H", 200) + b"short"))
+    assert closed_within(sock, 2)
+
+
+def test_oversized_packet_is_refused_before_its_body_is_read(target: Target) -> None:
+    sock, _ = target.login("huge")
+    sock.sendall(b"\x30" + bytes([0x80, 0x80, 0x80, 0x0A]) + b"x" * 100)  # announces 20 MiB
+    assert closed_within(sock, 2)
+
+
+def test_retained_message_never_reaches_another_client(target: Target) -> None:
+    victim_cid, user, password, _ = target.credentials("victim")
+    attacker, _ = target.login("attacker")
+    inbox = f"push/{victim_cid}/inbox"
+    attacker.sendall(publish_packet(inbox, b'{"id":"forged"}', qos=1, retain=True))
+    read_packet(attacker)  # PUBACK
+    victim = target.open()
+    victim.sendall(connect_packet(victim_cid, user, password))
+    assert read_packet(victim)[0] == 0x20
+    victim.sendall(subscribe_packet(inbox))
+    kind, _ = read_packet(victim)
+    assert kind == 0x90
+    victim.settimeout(0.7)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        victim.recv(1)
+
+
+# --- intrapush-only probes (stock amqtt has no device identities to compare with) ---------------
+
+def test_wrong_password_with_a_victims_client_id_cannot_disturb_it(hardened_box: Box) -> None:
+    app = hardened_box.create_app("takeover-" + uuid.uuid4().hex[:6])
+    e = hardened_box.enroll(app, "victim")
+    victim = PahoDevice(e, hardened_box.mqtt_port).connect()
+    sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
+    sock.sendall(connect_packet(e["mqtt"]["client_id"], e["mqtt"]["username"], "wrong-password"))
+    kind, body = read_packet(sock)
+    assert kind == 0x20 and body[1] in (4, 5)
+    assert closed_within(sock, 2)
+    with hardened_box.api(app) as api:
+        r = api.post("/v1/messages", json={"to": {"token": e["token"]}, "title": "still here"})
+        assert r.status_code == 202
+    assert victim.next()["title"] == "still here"
+    assert victim.disconnects.empty()
+    victim.close()
+
+
+def test_device_reaches_only_its_own_topics(hardened_box: Box) -> None:
+    app = hardened_box.create_app("acl-" + uuid.uuid4().hex[:6])
+    a, b = hardened_box.enroll(app, "a"), hardened_box.enroll(app, "b")
+    device_b = PahoDevice(b, hardened_box.mqtt_port).connect()
+    sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
+    sock.sendall(connect_packet(a["mqtt"]["client_id"], a["mqtt"]["username"], a["mqtt"]["password"]))
+    assert read_packet(sock)[1][1] == 0
+    for pid, topic in enumerate((b["inbox_topic"], "#", "push/+/inbox", "$SYS/#"), start=1):
+        sock.sendall(subscribe_packet(topic, pid))
+        kind, body = read_packet(sock)
+        assert kind == 0x90 and body[2] == 0x80, topic
+    # Publishing into b's topics is acknowledged (MQTT 3.1.1 cannot refuse) and dropped.
+    sock.sendall(publish_packet(b["inbox_topic"], b'{"id":"forged"}', qos=1, pid=9))
+    sock.sendall(publish_packet(b["ack_topic"], b'{"ids":[],"state":"opened"}', qos=1, pid=10))
+    assert read_packet(sock)[0] == 0x40 and read_packet(sock)[0] == 0x40
+    assert device_b.nothing_within(0.5)
+    device_b.close()
+
+
+def test_keepalive_timeout_marks_the_device_offline(hardened_box: Box) -> None:
+    app = hardened_box.create_app("ka-" + uuid.uuid4().hex[:6])
+    e = hardened_box.enroll(app, "sleepy")
+    sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
+    sock.sendall(connect_packet(e["mqtt"]["client_id"], e["mqtt"]["username"], e["mqtt"]["password"], keepalive=1))
+    read_packet(sock)
+    with hardened_box.api(app) as api:
+        assert api.get(f"/v1/devices/{e['token']}").json()["online"] is True
+        wait_for(lambda: api.get(f"/v1/devices/{e['token']}").json()["online"] is False, timeout=5)
+
+
+def test_mqtt5_is_refused_with_unacceptable_protocol_version(hardened_box: Box) -> None:
+    sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
+    sock.sendall(connect_packet("x", None, None, level=5))
+    kind, body = read_packet(sock)
+    assert kind == 0x20 and body[1] == 1
+    assert closed_within(sock, 2)
+
+
+def test_bad_json_from_a_device_is_ignored_and_the_box_keeps_serving(hardened_box: Box) -> None:
+    app = hardened_box.create_app("junk-" + uuid.uuid4().hex[:6])
+    e = hardened_box.enroll(app, "junk")
+    device = PahoDevice(e, hardened_box.mqtt_port).connect(cursor=None)
+    for junk in (b"not json", b"[1,2]", b'{"cursor":"x"}', b'{"cursor":-1}', b"\xff\xfe", b""):
+        device.client.publish(e["hello_topic"], junk, qos=1).wait_for_publish(5)
+        device.client.publish(e["ack_topic"], junk, qos=1).wait_for_publish(5)
+    device.client.publish(e["ack_topic"], json.dumps({"ids": ["x"] * 5, "state": "eaten"}), qos=1).wait_for_publish(5)
+    for _ in range(20):  # garbage connections
+        s = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
+        s.sendall(b"\x10\x05garbage" + bytes(range(256)))
+        s.close()
+    device.hello(0)
+    with hardened_box.api(app) as api:
+        r = api.post("/v1/messages", json={"to": {"token": e["token"]}, "title": "alive"})
+        assert r.status_code == 202
+    assert device.next()["title"] == "alive"
+    assert httpx.get(f"{hardened_box.url}/healthz").json() == {"status": "ok"}
+    device.close()
