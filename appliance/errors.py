@@ -50,7 +50,6 @@ BAD_MESSAGE_ID = _kind(40009, 400, "bad_message_id", "the message id is not one 
 WRONG_CONTENT_TYPE = _kind(40010, 415, "wrong_content_type", "the request body must be application/json")
 MISSING_CREDENTIALS = _kind(40101, 401, "missing_credentials", "send Authorization: Bearer <key>")
 WRONG_CREDENTIALS = _kind(40102, 401, "wrong_credentials", "the key is not valid for this app")
-FORBIDDEN_TOKEN = _kind(40301, 403, "token_of_other_app", "the token belongs to another app")
 APP_NOT_FOUND = _kind(40401, 404, "app_not_found", "no app with that id")
 MESSAGE_NOT_FOUND = _kind(40402, 404, "message_not_found", "no message with that id for this app")
 DEVICE_NOT_FOUND = _kind(40403, 404, "device_not_found", "no device with that token")
@@ -59,7 +58,6 @@ METHOD_NOT_ALLOWED = _kind(40501, 405, "method_not_allowed", "the endpoint does 
 APP_EXISTS = _kind(40902, 409, "app_exists", "an app with that name exists")
 UNREGISTERED = _kind(41001, 410, "unregistered", "the token is no longer valid; stop sending to it")
 BODY_TOO_LARGE = _kind(41301, 413, "body_too_large", "the request body is larger than api.max_body_bytes")
-SHUTTING_DOWN = _kind(50301, 503, "shutting_down", "the box is shutting down; retry on another node or later")
 INTERNAL = _kind(50001, 500, "internal", "internal error; the box logged the details")
 
 

@@ -13,6 +13,7 @@ from appliance.api.openapi import openapi_document
 from appliance.errors import ApiError
 
 log = logging.getLogger("appliance.api")
+MAX_BODY = web.AppKey("max_body_bytes", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -28,8 +29,9 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         log.info("event=refused method=%s path=%s code=%d reason=%r", request.method, request.path,
                  exc.kind.code, str(exc)[:200])
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(ApiError(E.BODY_TOO_LARGE, f"the body is over {exc.max_size} bytes"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app.get(MAX_BODY)
+        return error_response(ApiError(E.BODY_TOO_LARGE, f"the body is over api.max_body_bytes={limit}"))
     except web.HTTPNotFound:
         return error_response(ApiError(E.ROUTE_NOT_FOUND, f"no endpoint {request.method} {request.path[:200]}"))
     except web.HTTPMethodNotAllowed as exc:
@@ -45,6 +47,7 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
 def build_provider_app(routes: list[web.RouteDef], max_body_bytes: int,
                        metrics: Callable[[], str]) -> web.Application:
     app = web.Application(middlewares=[handle_errors], client_max_size=max_body_bytes)
+    app[MAX_BODY] = max_body_bytes
     app.add_routes(routes)
     docs_html = resources.files("appliance").joinpath("static/docs.html").read_text(encoding="utf-8")
     document = openapi_document()

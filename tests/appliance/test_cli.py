@@ -1,0 +1,70 @@
+"""The `intrapush` CLI, against a running daemon (admin socket) and on a stopped one (the database)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Box
+
+
+def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_apps_and_keys_through_the_running_daemon(box: Box) -> None:
+    app = box.create_app("shop")
+    assert app["api_key"].startswith("ak_") and app["enrollment_secret"].startswith("es_")
+    listing = json.loads(box.cli("app", "list", "--json").stdout)
+    assert [(a["app_id"], a["name"], a["devices"]) for a in listing] == [(app["app_id"], "shop", 0)]
+    dup = box.cli("app", "create", "shop", check=False)
+    assert dup.returncode == 1 and "exists" in dup.stderr
+    e = box.enroll(app, "d1")
+    rotated = json.loads(box.cli("app", "rotate-key", "shop", "--json").stdout)
+    body = {"to": {"token": e["token"]}, "title": "x"}
+    old = httpx.post(f"{box.url}/v1/messages", json=body, headers={"Authorization": f"Bearer {app['api_key']}"})
+    new = httpx.post(f"{box.url}/v1/messages", json=body, headers={"Authorization": f"Bearer {rotated['api_key']}"})
+    assert old.status_code == 401 and new.status_code == 202
+    missing = box.cli("app", "rotate-key", "nope", check=False)
+    assert missing.returncode == 1 and "no app" in missing.stderr
+    bad_revoke = box.cli("device", "revoke", "dt_nope", check=False)
+    assert bad_revoke.returncode == 1
+    assert stat.S_IMODE((box.data_dir / "admin.sock").stat().st_mode) & 0o077 == 0
+
+
+def test_secrets_are_stored_only_as_hashes(box: Box) -> None:
+    app = box.create_app("hashed")
+    box.enroll(app, "d1")
+    box.stop()
+    raw = b"".join(p.read_bytes() for p in box.data_dir.glob("intrapush.db*"))
+    assert app["api_key"].encode() not in raw and app["enrollment_secret"].encode() not in raw
+
+
+def test_offline_cli_works_on_the_database_and_the_daemon_sees_it(tmp_path: Path) -> None:
+    data = tmp_path / "box"
+    created = json.loads(cli(data, "app", "create", "offline", "--json").stdout)
+    assert json.loads(cli(data, "app", "list", "--json").stdout)[0]["name"] == "offline"
+    box = Box(data).start()
+    try:
+        e = box.enroll(created, "d1")
+        assert json.loads(box.cli("device", "list", "--json").stdout)[0]["token"] == e["token"]
+    finally:
+        box.stop()
+    revoked = json.loads(cli(data, "device", "revoke", e["token"], "--json").stdout)
+    assert revoked["token"] == e["token"]
+    listing = json.loads(cli(data, "device", "list", "--json").stdout)
+    assert listing[0]["retired_reason"] == "revoked"
+
+
+def test_first_start_creates_the_annotated_config_and_the_database(box: Box) -> None:
+    text = (box.data_dir / "intrapush.toml").read_text()
+    assert "Precedence: command-line flag > environment" in text and "#listen = " in text
+    assert (box.data_dir / "intrapush.db").exists()
+    log = box.log()
+    assert "event=listening" in log and box.addresses["http"] in log and box.addresses["mqtt"] in log
