@@ -68,3 +68,21 @@ def test_first_start_creates_the_annotated_config_and_the_database(box: Box) -> 
     assert (box.data_dir / "intrapush.db").exists()
     log = box.log()
     assert "event=listening" in log and box.addresses["http"] in log and box.addresses["mqtt"] in log
+
+
+def test_device_simulate_prints_what_it_receives(box: Box) -> None:
+    app = box.create_app("sim")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "device", "simulate", "--url", box.url,
+                             "--app-id", app["app_id"], "--secret", app["enrollment_secret"], "--seconds", "20"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["connected"] is True
+        r = httpx.post(f"{box.url}/v1/messages", json={"to": {"token": first["token"]}, "title": "hi sim"},
+                       headers={"Authorization": f"Bearer {app['api_key']}"})
+        assert r.status_code == 202
+        line = json.loads(proc.stdout.readline())
+        assert line["push"]["title"] == "hi sim" and line["push"]["id"] == r.json()["id"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
