@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from appliance.errors import APP_EXISTS, APP_NOT_FOUND, DEVICE_NOT_FOUND, ApiErr
 from appliance.store import Store
 from appliance.store import apps as sql_apps
 from appliance.store import devices as sql_devices
+from appliance.store import escalations as sql_escalations
 
 
 @dataclass
@@ -74,6 +76,13 @@ class OfflineAccounts:
     def list_apps(self) -> list[dict[str, Any]]:
         return [_public_app(a) for a in self.store.read_now(sql_apps.select_apps)]
 
+    def set_app_fallback(self, name_or_id: str, policy: dict[str, Any] | None) -> dict[str, Any]:
+        app_id = self.store.read_now(sql_apps.find_app_id, name_or_id)
+        if app_id is None:
+            raise ApiError(APP_NOT_FOUND, f"no app named or with id {name_or_id!r}")
+        self.store.write_now(sql_escalations.set_app_fallback, app_id, json.dumps(policy) if policy else None)
+        return {"app_id": app_id, "fallback": policy}
+
     def list_devices(self, app: str | None) -> list[dict[str, Any]]:
         app_id = None
         if app is not None:
@@ -98,7 +107,8 @@ class Accounts(OfflineAccounts):
 
     def load(self) -> None:
         for row in self.store.read_now(sql_apps.select_apps):
-            self.directory.add_app(App(row["id"], row["name"], row["api_key_hash"], row["enrollment_secret_hash"]))
+            self.directory.add_app(App(row["id"], row["name"], row["api_key_hash"], row["enrollment_secret_hash"],
+                                       json.loads(row["fallback"]) if row["fallback"] else None))
         for row in self.store.read_now(sql_devices.select_active_devices):
             self.directory.add_device(Device.from_row(row))
         for app_id, topic, device_id in self.store.read_now(sql_devices.select_subscriptions):
@@ -117,8 +127,20 @@ class Accounts(OfflineAccounts):
         key_hash = hash_secret(key)
         app_id = await self.store.write(_rotate_checked, name_or_id, key_hash, time.time())
         app = self.directory.apps[app_id]
-        self.directory.add_app(App(app.id, app.name, key_hash, app.enrollment_secret_hash))
+        self.directory.add_app(App(app.id, app.name, key_hash, app.enrollment_secret_hash, app.fallback))
         return {"app_id": app_id, "api_key": key}
+
+    async def set_app_fallback_async(self, name_or_id: str, policy: dict[str, Any] | None) -> dict[str, Any]:
+        """Set (or clear, with None) the app's default fallback policy for pushes that give none."""
+        app_id = await self.store.read(sql_apps.find_app_id, name_or_id)
+        if app_id is None:
+            raise ApiError(APP_NOT_FOUND, f"no app named or with id {name_or_id!r}")
+        await self.store.write(sql_escalations.set_app_fallback, app_id, json.dumps(policy) if policy else None)
+        self.directory.apps[app_id].fallback = policy
+        return {"app_id": app_id, "fallback": policy}
+
+    async def set_alias_contact(self, app_id: str, alias: str, phone: str | None, email: str | None) -> None:
+        await self.store.write(sql_escalations.set_alias_contact, app_id, alias, phone, email, time.time())
 
     async def list_apps_async(self) -> list[dict[str, Any]]:
         return [_public_app(a) for a in await self.store.read(sql_apps.select_apps)]
@@ -175,7 +197,8 @@ class Accounts(OfflineAccounts):
 
 def _public_app(row: dict[str, Any]) -> dict[str, Any]:
     return {"app_id": row["id"], "name": row["name"], "created_at": row["created_at"],
-            "key_rotated_at": row["key_rotated_at"], "devices": row["devices"]}
+            "key_rotated_at": row["key_rotated_at"], "devices": row["devices"],
+            "fallback": json.loads(row["fallback"]) if row["fallback"] else None}
 
 
 def _public_device(row: dict[str, Any]) -> dict[str, Any]:

@@ -159,6 +159,29 @@ def cmd_app_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app_fallback(args: argparse.Namespace) -> int:
+    from appliance.api.provider import validate
+    from appliance.api.schemas import AppFallbackRequest
+
+    policy = None
+    if not args.off:
+        if args.after_s is None or not args.channels:
+            return _fail("app set-fallback needs --after-s and --channels (or --off)", "", 2)
+        policy = {"after_s": args.after_s, "channels": args.channels.split(",")}
+        if args.sms_text:
+            policy["sms_text"] = args.sms_text
+        if args.email_subject:
+            policy["email_subject"] = args.email_subject
+        policy = validate(AppFallbackRequest, {"policy": policy}).policy.model_dump()
+    admin = _admin(args)
+    if admin.daemon_running():
+        doc = admin.call("PUT", f"/admin/apps/{args.app}/fallback", {"policy": policy})
+    else:
+        doc = admin.offline().set_app_fallback(args.app, policy)
+    _print(args, doc, f"{doc['app_id']}: fallback {json.dumps(doc['fallback'])}")
+    return 0
+
+
 def cmd_device_list(args: argparse.Namespace) -> int:
     admin = _admin(args)
     if admin.daemon_running():
@@ -217,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = app.add_parser("rotate-key", parents=[common], help="issue a new API key; the old one stops working")
     rotate.add_argument("app", help="app id or name")
     rotate.set_defaults(func=cmd_app_rotate)
+
+    fb = app.add_parser("set-fallback", parents=[common], help="default SMS/e-mail fallback for the app's pushes")
+    fb.add_argument("app", help="app id or name")
+    fb.add_argument("--after-s", type=int, help="escalate when not acknowledged after this many seconds")
+    fb.add_argument("--channels", help="sms, email or sms,email")
+    fb.add_argument("--sms-text", help="fixed SMS text (default: title: body)")
+    fb.add_argument("--email-subject", help="fixed e-mail subject (default: the title)")
+    fb.add_argument("--off", action="store_true", help="no default fallback")
+    fb.set_defaults(func=cmd_app_fallback)
 
     device = sub.add_parser("device", help="devices").add_subparsers(dest="sub", required=True)
     dlist = device.add_parser("list", parents=[common], help="list device tokens")

@@ -79,6 +79,15 @@ SETTINGS: tuple[Setting, ...] = (
     S("store", "synchronous", "full", "SQLite synchronous mode", choices=("full", "normal")),
     S("store", "max_group", 256, "most queued writes committed in one transaction", minimum=1, maximum=100000),
     S("store", "retention_days", 30, "finished deliveries (acked, expired, cancelled) are purged after this", minimum=1),
+    # --- fallback -------------------------------------------------------------------------------
+    S("fallback", "max_attempts", 8, "tries per (push, device, channel) on temporary failures before giving up", minimum=1, maximum=100),
+    S("fallback", "retry_initial_s", 30.0, "first retry delay after a temporary failure; doubles each try", minimum=0.01),
+    S("fallback", "retry_max_s", 3600.0, "longest retry delay", minimum=0.01),
+    S("fallback.sms", "transport", "", "SMS transport; empty turns SMS fallback off", choices=("", "modem", "smpp", "kannel", "http")),
+    # A GSM modem sends about one SMS in 3-6 s; 30/min keeps it and the SIM's fair-use limits safe.
+    S("fallback.sms", "rate_per_min", 30.0, "most SMS started per minute; a burst waits in the store", minimum=0.01),
+    S("fallback.email", "transport", "", "e-mail transport; empty turns e-mail fallback off", choices=("", "smtp")),
+    S("fallback.email", "rate_per_min", 120.0, "most e-mails started per minute; a burst waits in the store", minimum=0.01),
     # --- log ------------------------------------------------------------------------------------
     S("log", "level", "info", "log level", choices=("debug", "info", "warning", "error")),
     S("log", "format", "text", "log format", choices=("text", "json")),
@@ -192,7 +201,16 @@ class Config:
                 doc = tomllib.loads(file.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+            tables: list[tuple[str, Any]] = []
             for section, table in doc.items():
+                if isinstance(table, dict):
+                    # [fallback.sms] arrives nested inside [fallback]
+                    tables += [(f"{section}.{k}", v) for k, v in table.items() if isinstance(v, dict)]
+                    table = {k: v for k, v in table.items() if not isinstance(v, dict)}
+                    if not table and section not in SECTIONS:
+                        continue
+                tables.append((section, table))
+            for section, table in tables:
                 if section not in SECTIONS or not isinstance(table, dict):
                     problems.append(f"{file}: unknown section [{section}]{_nearest(section, list(SECTIONS))}")
                     continue

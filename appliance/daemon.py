@@ -24,8 +24,10 @@ from appliance.config import CONFIG_FILE_NAME, Config, parse_listen, render_defa
 from appliance.directory import Directory
 from appliance.dispatch import Dispatcher
 from appliance.errors import StartupError
+from appliance.escalation import ChannelSettings, Escalator
 from appliance.store import Store
 from appliance.store import messages as sql_messages
+from fallback.base import Notice
 
 log = logging.getLogger("appliance.daemon")
 RUN_FILE = "run.json"
@@ -40,6 +42,32 @@ def prepare_data_dir(data_dir: Path) -> None:
         config_file.write_text(render_default_file(), encoding="utf-8")
 
 
+def build_fallback_senders(cfg: Config) -> dict[str, Any]:
+    """One sender per channel whose transport is configured (fallback.build_sender validates the rest)."""
+    senders: dict[str, Any] = {}
+    for channel in ("sms", "email"):
+        prefix = f"fallback.{channel}."
+        transport = cfg.values[prefix + "transport"]
+        if not transport:
+            continue
+        from fallback import build_sender  # noqa: PLC0415 - transports load only when configured
+
+        settings = {k[len(prefix):]: v for k, v in cfg.values.items()
+                    if k.startswith(prefix) and k[len(prefix):] != "rate_per_min"}
+        try:
+            senders[channel] = build_sender(channel, settings)
+        except ValueError as exc:
+            raise StartupError(f"[fallback.{channel}] {exc}") from exc
+    return senders
+
+
+def fallback_settings(cfg: Config) -> dict[str, ChannelSettings]:
+    v = cfg.values
+    return {channel: ChannelSettings(v[f"fallback.{channel}.rate_per_min"], v["fallback.max_attempts"],
+                                     v["fallback.retry_initial_s"], v["fallback.retry_max_s"])
+            for channel in ("sms", "email")}
+
+
 def _address(sock_name: tuple[Any, ...]) -> str:
     host, port = sock_name[0], sock_name[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -51,6 +79,7 @@ class Daemon:
         self.store: Store | None = None
         self.broker: EmbeddedBroker | None = None
         self.dispatcher: Dispatcher | None = None
+        self.escalator: Escalator | None = None
         self.directory = Directory()
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -65,6 +94,10 @@ class Daemon:
         dispatcher = self.dispatcher = Dispatcher(store, self.directory, cfg.push.inbox_limit)
         accounts = Accounts(store, self.directory, dispatcher.drop_device)
         accounts.load()
+        senders = build_fallback_senders(cfg)
+        self.escalator = Escalator(store, senders, fallback_settings(cfg), Notice)
+        dispatcher.on_fallback_queued = self.escalator.poke
+        await self.escalator.start()
 
         listeners = []
         mqtt = parse_listen(cfg.broker.listen)
@@ -95,7 +128,7 @@ class Daemon:
             max_batch=cfg.api.max_batch, max_tokens=cfg.api.max_tokens, default_ttl_s=cfg.push.default_ttl_s,
             max_ttl_s=cfg.push.max_ttl_s, max_payload_bytes=cfg.push.max_payload_bytes,
             status_detail_limit=cfg.push.status_detail_limit, public_host=cfg.broker.public_host,
-            mqtt_port=mqtt_port,
+            mqtt_port=mqtt_port, fallback_channels=frozenset(senders),
             keepalive={"ios": cfg.broker.keepalive_ios_s, "android": cfg.broker.keepalive_android_s,
                        "web": cfg.broker.keepalive_web_s, "desktop": cfg.broker.keepalive_desktop_s},
         )
@@ -184,6 +217,8 @@ class Daemon:
         if self.broker is not None:
             with contextlib.suppress(Exception):
                 await self.broker.shutdown()
+        if self.escalator is not None:
+            await self.escalator.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()
         if self.store is not None:

@@ -32,6 +32,7 @@ class App:
     name: str
     api_key_hash: str
     enrollment_secret_hash: str
+    fallback: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

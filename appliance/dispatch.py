@@ -74,6 +74,8 @@ class Accepted:
     message: dict[str, Any]
     targets: list[Device]
     body: bytes  # the payload JSON without its opening brace; a device gets {"seq":N, + body
+    fallback_channels: tuple[str, ...] = ()
+    fallback_due: float = 0.0
 
 
 class Dispatcher:
@@ -92,6 +94,7 @@ class Dispatcher:
         self._seen: dict[int, float] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_fallback_queued: Callable[[], None] | None = None
         self.counters = {"accepted": 0, "delivered": 0, "acked": 0, "expired": 0, "resyncs": 0}
 
     # -- broker events (DeviceGate) --------------------------------------------------------------
@@ -140,7 +143,7 @@ class Dispatcher:
 
     # -- provider side ---------------------------------------------------------------------------
     def prepare(self, app_id: str, item: dict[str, Any], targets: list[Device], ttl_s: int,
-                target_doc: dict[str, Any]) -> Accepted:
+                target_doc: dict[str, Any], fallback: dict[str, Any] | None = None) -> Accepted:
         now = self.clock()
         mid = new_message_id(now)
         expires_at = now + ttl_s
@@ -159,8 +162,11 @@ class Dispatcher:
         message = {
             "id": mid, "app_id": app_id, "created_at": now, "expires_at": expires_at, "payload": text,
             "collapse_key": item.get("collapse_key"), "target": json.dumps(target_doc), "targeted": len(targets),
+            "fallback": json.dumps(fallback) if fallback else None,
         }
-        return Accepted(message, targets, text[1:].encode())
+        channels = tuple(fallback["channels"]) if fallback else ()
+        due = now + fallback["after_s"] if fallback else 0.0
+        return Accepted(message, targets, text[1:].encode(), channels, due)
 
     async def submit(self, accepted: list[Accepted]) -> None:
         """Allocate per-device seqs, commit every push, then deliver to connected devices."""
@@ -171,10 +177,12 @@ class Dispatcher:
             for device in acc.targets:
                 device.last_seq += 1
                 deliveries.append((device.id, device.last_seq))
-            rows.append(sql_messages.NewPush(acc.message, deliveries))
+            rows.append(sql_messages.NewPush(acc.message, deliveries, acc.fallback_channels, acc.fallback_due))
             plan.append((acc, deliveries))
         await self.store.write(sql_messages.insert_pushes, rows)
         self.counters["accepted"] += len(accepted)
+        if self.on_fallback_queued is not None and any(acc.fallback_channels for acc in accepted):
+            self.on_fallback_queued()
         for acc, deliveries in plan:
             mid, body = acc.message["id"], acc.body
             log.info("event=accepted id=%s app=%s targeted=%d", mid, acc.message["app_id"], len(deliveries))

@@ -47,6 +47,7 @@ BATCH_TOO_LARGE = _kind(40006, 400, "batch_too_large", "more messages in one req
 TOO_MANY_TOKENS = _kind(40007, 400, "too_many_tokens", "more tokens in one message than api.max_tokens")
 BAD_TOPIC_NAME = _kind(40008, 400, "bad_topic_name", "topic names are 1-64 characters of A-Z a-z 0-9 _ - .")
 BAD_MESSAGE_ID = _kind(40009, 400, "bad_message_id", "the message id is not one this box issues")
+FALLBACK_UNAVAILABLE = _kind(40011, 400, "fallback_unavailable", "a fallback channel is not configured on this box")
 WRONG_CONTENT_TYPE = _kind(40010, 415, "wrong_content_type", "the request body must be application/json")
 MISSING_CREDENTIALS = _kind(40101, 401, "missing_credentials", "send Authorization: Bearer <key>")
 WRONG_CREDENTIALS = _kind(40102, 401, "wrong_credentials", "the key is not valid for this app")

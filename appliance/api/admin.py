@@ -9,7 +9,7 @@ from aiohttp import web
 
 from appliance.accounts import Accounts
 from appliance.api.provider import read_json, validate
-from appliance.api.schemas import NewAppRequest
+from appliance.api.schemas import AppFallbackRequest, NewAppRequest
 
 
 class AdminApi:
@@ -23,6 +23,7 @@ class AdminApi:
             web.get("/admin/apps", self.handle_list_apps),
             web.post("/admin/apps", self.handle_create_app),
             web.post("/admin/apps/{app}/rotate-key", self.handle_rotate_key),
+            web.put("/admin/apps/{app}/fallback", self.handle_app_fallback),
             web.get("/admin/devices", self.handle_list_devices),
             web.post("/admin/devices/{token}/revoke", self.handle_revoke),
         ]
@@ -40,6 +41,11 @@ class AdminApi:
 
     async def handle_rotate_key(self, request: web.Request) -> web.Response:
         return web.json_response(await self.accounts.rotate_key_async(request.match_info["app"]))
+
+    async def handle_app_fallback(self, request: web.Request) -> web.Response:
+        req: AppFallbackRequest = validate(AppFallbackRequest, await read_json(request))
+        policy = req.policy.model_dump() if req.policy is not None else None
+        return web.json_response(await self.accounts.set_app_fallback_async(request.match_info["app"], policy))
 
     async def handle_list_devices(self, request: web.Request) -> web.Response:
         return web.json_response(await self.accounts.list_devices_async(request.query.get("app")))

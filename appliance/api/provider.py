@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance import errors as E
 from appliance.accounts import Accounts
-from appliance.api.schemas import EnrollRequest, PushBatch, PushMessage, Subscribers, Target
+from appliance.api.schemas import Contact, EnrollRequest, PushBatch, PushMessage, Subscribers, Target
 from appliance.broker import topics
 from appliance.directory import App, Device, Directory, secret_matches
 from appliance.dispatch import Accepted, Dispatcher, is_message_id
@@ -32,6 +32,7 @@ class ProviderSettings:
     public_host: str
     mqtt_port: int
     keepalive: dict[str, int]
+    fallback_channels: frozenset[str] = frozenset()
 
 
 def bearer(request: web.Request) -> str:
@@ -79,6 +80,7 @@ class ProviderApi:
             web.post("/v1/messages", self.handle_send),
             web.get("/v1/messages/{id}", self.handle_status),
             web.delete("/v1/messages/{id}", self.handle_cancel),
+            web.put("/v1/aliases/{alias}/contact", self.handle_alias_contact),
             web.post("/v1/topics/{topic}/subscribers", self.handle_subscribe),
             web.delete("/v1/topics/{topic}/subscribers", self.handle_unsubscribe),
         ]
@@ -166,7 +168,15 @@ class ProviderApi:
                 raise ApiError(E.UNREGISTERED, **unregistered[0])
             raise ApiError(E.NO_TARGET, f"the push targets nobody ({json.dumps(target_doc)})",
                            unregistered=unregistered)
-        acc = self.dispatcher.prepare(app.id, item.model_dump(exclude={"to"}), targets, ttl, target_doc)
+        policy = item.fallback.model_dump() if item.fallback is not None else app.fallback
+        if item.fallback is not None:
+            missing = [c for c in item.fallback.channels if c not in s.fallback_channels]
+            if missing:
+                raise ApiError(E.FALLBACK_UNAVAILABLE,
+                               f"fallback channel {', '.join(missing)} is not configured on this box "
+                               f"(configured: {', '.join(sorted(s.fallback_channels)) or 'none'})")
+        acc = self.dispatcher.prepare(app.id, item.model_dump(exclude={"to", "fallback"}), targets, ttl, target_doc,
+                                      policy)
         size = len(acc.body) + 1
         if size > s.max_payload_bytes:
             raise ApiError(E.PAYLOAD_TOO_LARGE, f"the push is {size} bytes; at most {s.max_payload_bytes}")
@@ -227,6 +237,16 @@ class ProviderApi:
         if cancelled is None:
             raise ApiError(E.MESSAGE_NOT_FOUND)
         return web.json_response({"id": mid, "cancelled": cancelled})
+
+    async def handle_alias_contact(self, request: web.Request) -> web.Response:
+        """Set the phone and e-mail used for fallback to every device enrolled under an alias."""
+        app = self._app(request)
+        alias = request.match_info["alias"]
+        if not 1 <= len(alias) <= 128:
+            raise ApiError(E.INVALID_REQUEST, "alias: 1-128 characters")
+        contact: Contact = validate(Contact, await read_json(request))
+        await self.accounts.set_alias_contact(app.id, alias, contact.phone, contact.email)
+        return web.json_response({"alias": alias, "phone": contact.phone, "email": contact.email})
 
     # -- topics ----------------------------------------------------------------------------------
     async def handle_subscribe(self, request: web.Request) -> web.Response:

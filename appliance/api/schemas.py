@@ -45,6 +45,26 @@ class Target(Strict):
         return self
 
 
+class FallbackPolicy(Strict):
+    """Send by SMS and/or e-mail when the device has not acknowledged the push after `after_s`."""
+
+    after_s: int = Field(..., ge=0, le=2419200)
+    channels: list[Literal["sms", "email"]] = Field(..., min_length=1, max_length=2)
+    sms_text: str | None = Field(None, min_length=1, max_length=1000, description="default: title: body")
+    email_subject: str | None = Field(None, min_length=1, max_length=200, description="default: the title")
+    even_if_expired: bool = Field(False, description="also escalate when the push expired before its deadline")
+
+    @model_validator(mode="after")
+    def distinct_channels(self) -> FallbackPolicy:
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels must not repeat")
+        return self
+
+
+class AppFallbackRequest(Strict):
+    policy: FallbackPolicy | None
+
+
 class PushMessage(Strict):
     to: Target
     title: str | None = Field(None, max_length=1024)
@@ -53,6 +73,7 @@ class PushMessage(Strict):
     ttl_s: int | None = Field(None, ge=0, description="0: deliver to connected devices now or never")
     priority: Literal["high", "normal"] | None = None
     collapse_key: str | None = Field(None, min_length=1, max_length=64)
+    fallback: FallbackPolicy | None = None
 
     @model_validator(mode="after")
     def not_empty(self) -> PushMessage:

@@ -10,7 +10,7 @@ INSERT INTO apps (id, name, api_key_hash, enrollment_secret_hash, created_at)
 VALUES (:id, :name, :api_key_hash, :enrollment_secret_hash, :created_at)
 """
 SQL_SELECT_APPS = """
-SELECT a.id, a.name, a.api_key_hash, a.enrollment_secret_hash, a.created_at, a.key_rotated_at,
+SELECT a.id, a.name, a.api_key_hash, a.enrollment_secret_hash, a.created_at, a.key_rotated_at, a.fallback,
        (SELECT count(*) FROM devices d WHERE d.app_id = a.id AND d.retired_at IS NULL) AS devices
 FROM apps a ORDER BY a.created_at
 """

@@ -84,9 +84,35 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL,
         PRIMARY KEY (device, seq)
     ) WITHOUT ROWID;
-    CREATE INDEX deliveries_message ON deliveries(message_id);
+    CREATE INDEX deliveries_message ON deliveries(message_id, device);
     CREATE INDEX deliveries_expiry ON deliveries(expires_at) WHERE state < 2;
     CREATE INDEX deliveries_collapse ON deliveries(collapse_key, device) WHERE state < 2 AND collapse_key IS NOT NULL;
+    """,
+    # 2: fallback by SMS and e-mail: per-app default policy, per-push policy, alias contacts, escalations
+    """
+    ALTER TABLE apps ADD COLUMN fallback TEXT;
+    ALTER TABLE messages ADD COLUMN fallback TEXT;
+    CREATE TABLE alias_contacts (
+        app_id TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        phone TEXT,
+        email TEXT,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (app_id, alias)
+    ) WITHOUT ROWID;
+    CREATE TABLE escalations (
+        message_id TEXT NOT NULL,
+        device INTEGER NOT NULL,
+        channel TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        reason TEXT,
+        receipt TEXT,
+        updated_at REAL,
+        PRIMARY KEY (message_id, device, channel)
+    ) WITHOUT ROWID;
+    CREATE INDEX escalations_due ON escalations(next_at) WHERE state <= 1;
     """,
 )
 

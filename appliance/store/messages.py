@@ -6,6 +6,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.store import escalations
+
 # Delivery states; below ACKED a row is pending.
 QUEUED, DELIVERED, ACKED, EXPIRED, CANCELLED, REPLACED, DROPPED, RETIRED = range(8)
 STATE_NAMES = ("queued", "delivered", "acked", "expired", "cancelled", "replaced", "dropped", "unregistered")
@@ -13,8 +15,8 @@ ACK_RANKS = {"received": 1, "displayed": 2, "opened": 3}
 ACK_NAMES = {v: k for k, v in ACK_RANKS.items()}
 
 SQL_INSERT_MESSAGE = """
-INSERT INTO messages (id, app_id, created_at, expires_at, payload, collapse_key, target, targeted)
-VALUES (:id, :app_id, :created_at, :expires_at, :payload, :collapse_key, :target, :targeted)
+INSERT INTO messages (id, app_id, created_at, expires_at, payload, collapse_key, target, targeted, fallback)
+VALUES (:id, :app_id, :created_at, :expires_at, :payload, :collapse_key, :target, :targeted, :fallback)
 """
 SQL_INSERT_DELIVERY = """
 INSERT INTO deliveries (device, seq, message_id, state, expires_at, collapse_key, updated_at)
@@ -68,10 +70,12 @@ AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id)
 
 @dataclass(slots=True)
 class NewPush:
-    """One accepted push: its message row and its inbox rows, (device, seq) each."""
+    """One accepted push: its message row, its inbox rows ((device, seq) each) and its fallback channels."""
 
     message: dict[str, Any]
     deliveries: list[tuple[int, int]]
+    fallback_channels: tuple[str, ...] = ()
+    fallback_due: float = 0.0
 
 
 def insert_pushes(conn: sqlite3.Connection, pushes: list[NewPush]) -> None:
@@ -84,6 +88,9 @@ def insert_pushes(conn: sqlite3.Connection, pushes: list[NewPush]) -> None:
         conn.execute(SQL_INSERT_MESSAGE, msg)
         conn.executemany(SQL_INSERT_DELIVERY, [(device, seq, mid, exp, ck, now) for device, seq in push.deliveries])
         conn.executemany(SQL_SET_LAST_SEQ, [(seq, device) for device, seq in push.deliveries])
+        if push.fallback_channels:
+            escalations.insert(conn, [(mid, device, channel, push.fallback_due, now)
+                                      for device, _ in push.deliveries for channel in push.fallback_channels])
 
 
 def mark_delivered(conn: sqlite3.Connection, rows: list[tuple[float, int, int]]) -> None:
@@ -159,9 +166,18 @@ def message_status(conn: sqlite3.Connection, app_id: str, message_id: str, detai
         "counts": counts,
         "acks": acks,
     }
-    if targeted <= detail_limit:
+    detail = targeted <= detail_limit
+    if detail:
         status["tokens"] = {
             token: {"state": STATE_NAMES[state], "ack": ACK_NAMES.get(ack), "updated_at": updated}
             for token, state, ack, updated in conn.execute(SQL_PER_TOKEN, (mid,))
         }
+    fallback = escalations.message_fallback(conn, mid, detail)
+    status["fallback_sent"] = fallback["sent"] if fallback else 0
+    status["fallback_failed"] = fallback["failed"] if fallback else 0
+    if fallback is not None:
+        status["fallback"] = fallback["channels"]
+        for token, channels in fallback.get("tokens", {}).items():
+            if token in status.get("tokens", {}):
+                status["tokens"][token]["fallback"] = channels
     return status
