@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load_config(args, flags)
     setup_logging(cfg.log.level, cfg.log.format, cfg.log.overrides)
     try:
-        import uvloop  # optional extra: faster event loop
+        import uvloop  # a dependency on Linux; plain asyncio elsewhere
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
