@@ -86,3 +86,11 @@ def test_device_simulate_prints_what_it_receives(box: Box) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    box = Box(tmp_path / "box", env={"INTRAPUSH_LOG_FORMAT": "json"}).start()
+    box.stop()
+    docs = [json.loads(line) for line in box.log().splitlines() if line.strip()]
+    listening = [d for d in docs if "event=listening" in d["msg"]]
+    assert listening and listening[0]["logger"] == "appliance.daemon" and listening[0]["level"] == "info"
