@@ -69,8 +69,49 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from appliance.daemon import build_fallback_senders
+
     cfg = _load_config(args)
-    print(f"{cfg.file}: ok ({len(BY_NAME)} settings)")
+    senders = build_fallback_senders(cfg)  # the transports' own settings are checked here
+    asyncio.run(_close_all(senders))
+    print(f"{cfg.file}: ok ({len(BY_NAME)} settings; fallback: {', '.join(senders) or 'off'})")
+    return 0
+
+
+async def _close_all(senders: dict[str, Any]) -> None:
+    for sender in senders.values():
+        await sender.aclose()
+
+
+def cmd_fallback_test(args: argparse.Namespace) -> int:
+    """Send one test message through the configured transport and report what happened."""
+    from appliance.daemon import build_fallback_senders
+    from fallback.base import FallbackError, Notice
+
+    cfg = _load_config(args)
+    sender = build_fallback_senders(cfg).get(args.channel)
+    if sender is None:
+        return _fail(f"no {args.channel} transport is configured", f"set fallback.{args.channel}.transport", 2)
+    notice = Notice(args.channel, args.to, args.text, reference="test:cli",
+                    subject="intrapush test message" if args.channel == "email" else None)
+
+    async def send() -> Any:
+        try:
+            return await sender.send(notice)
+        finally:
+            await sender.aclose()
+
+    try:
+        receipt = asyncio.run(send())
+    except FallbackError as exc:
+        kind = "temporary" if exc.temporary else "permanent"
+        doc = {"ok": False, "failure": kind, "reason": exc.reason, "detail": exc.detail}
+        _print(args, doc, f"{args.channel} test failed ({kind}): {exc.reason} {exc.detail}")
+        return 1
+    doc = {"ok": True, "transport": receipt.transport, "message_ids": list(receipt.message_ids),
+           "parts": receipt.parts}
+    _print(args, doc, f"{args.channel} test sent via {receipt.transport}: ids={list(receipt.message_ids)} "
+                      f"parts={receipt.parts}")
     return 0
 
 
@@ -249,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--email-subject", help="fixed e-mail subject (default: the title)")
     fb.add_argument("--off", action="store_true", help="no default fallback")
     fb.set_defaults(func=cmd_app_fallback)
+
+    fbt = sub.add_parser("fallback", help="SMS and e-mail fallback").add_subparsers(dest="sub", required=True)
+    ftest = fbt.add_parser("test", parents=[common], help="send a test message through the configured transport")
+    ftest.add_argument("channel", choices=("sms", "email"))
+    ftest.add_argument("--to", required=True, help="E.164 phone number or e-mail address")
+    ftest.add_argument("--text", default="Test message from intrapush.")
+    ftest.set_defaults(func=cmd_fallback_test)
 
     device = sub.add_parser("device", help="devices").add_subparsers(dest="sub", required=True)
     dlist = device.add_parser("list", parents=[common], help="list device tokens")

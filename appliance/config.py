@@ -95,6 +95,21 @@ SETTINGS: tuple[Setting, ...] = (
 )
 del S
 
+
+def _fallback_settings() -> tuple[Setting, ...]:
+    """The transports' own keys, defined once in fallback/transports.py (fallback imports nothing of ours)."""
+    from fallback.transports import SETTINGS as TRANSPORT_SETTINGS  # noqa: PLC0415
+
+    ours = {(s.section, s.key) for s in SETTINGS}
+    return tuple(
+        Setting(f"fallback.{t.channel}", t.key, t.default,
+                t.help + (f" ({t.transport}; required)" if t.required else f" ({t.transport})" if t.transport else ""),
+                choices=t.choices, secret=t.secret)
+        for t in TRANSPORT_SETTINGS if (f"fallback.{t.channel}", t.key) not in ours
+    )
+
+
+SETTINGS = SETTINGS + _fallback_settings()
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 
