@@ -250,7 +250,7 @@ def cmd_device_simulate(args: argparse.Namespace) -> int:
     from appliance.device import simulate
 
     return asyncio.run(simulate(args.url, args.app_id, args.secret, args.devices, args.seconds,
-                                args.platform, args.mqtt_host))
+                                args.platform, args.mqtt_host, args.cacert))
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token")
     revoke.set_defaults(func=cmd_device_revoke)
     sim = device.add_parser("simulate", help="enroll simulated devices, connect them and print what they receive")
-    sim.add_argument("--url", default="http://127.0.0.1:8080", help="the box's HTTP API")
+    sim.add_argument("--url", default="https://localhost:8443", help="the box's provider API")
+    sim.add_argument("--cacert", help="the box's CA (DATA_DIR/certs/ca.pem) to trust for HTTPS")
     sim.add_argument("--app-id", required=True)
     sim.add_argument("--secret", required=True, help="the app's enrollment secret")
     sim.add_argument("--devices", type=int, default=1)

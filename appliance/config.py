@@ -42,8 +42,14 @@ S = Setting
 SETTINGS: tuple[Setting, ...] = (
     # --- broker ---------------------------------------------------------------------------------
     S("broker", "backend", "embedded", "MQTT broker: the embedded hardened amqtt", choices=("embedded",)),
-    S("broker", "listen", "0.0.0.0:1883", "MQTT over TCP listener, host:port; empty turns it off"),
-    S("broker", "ws_listen", "", "MQTT over WebSocket listener for browsers, host:port; empty turns it off"),
+    S("broker", "tls_listen", "0.0.0.0:8883", "MQTT over TLS listener, host:port; empty turns it off"),
+    S("broker", "wss_listen", "0.0.0.0:8884", "MQTT over secure WebSocket (browsers), host:port; empty turns it off"),
+    S("broker", "listen", "", "plain MQTT listener (no TLS, trusted networks only); empty turns it off"),
+    S("broker", "ws_listen", "", "plain MQTT over WebSocket listener (no TLS); empty turns it off"),
+    S("broker", "tls_client_cert", "none", "device certificates on tls_listen: none, optional (checked if sent) or required",
+      choices=("none", "optional", "required")),
+    S("broker", "wss_client_cert", "none", "device certificates on wss_listen: none, optional or required",
+      choices=("none", "optional", "required")),
     S("broker", "public_host", "", "host name devices are told to connect to; empty: the host the device enrolled through"),
     S("broker", "public_port", 0, "MQTT port devices are told to connect to; 0: the port of `listen`", minimum=0, maximum=65535),
     # Keepalives: short where the OS gives the radio for free (Wi-Fi LPC on iOS), long on cellular Android.
@@ -59,7 +65,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("broker", "max_write_buffer_bytes", 1048576, "unsent bytes queued for one client before it is dropped as too slow", minimum=4096),
     S("broker", "max_connections", 0, "most simultaneous MQTT connections per listener; 0 is no limit", minimum=0),
     # --- api ------------------------------------------------------------------------------------
-    S("api", "listen", "0.0.0.0:8080", "provider and enrollment HTTP API, host:port"),
+    S("api", "tls_listen", "0.0.0.0:8443", "provider and enrollment API over HTTPS, host:port; empty turns it off"),
+    S("api", "listen", "", "provider API over plain HTTP (trusted networks only), host:port; empty turns it off"),
     S("api", "admin_socket", "admin.sock", "admin API Unix socket, relative to the data directory"),
     S("api", "max_body_bytes", 2097152, "largest HTTP request body accepted", minimum=1024),
     S("api", "max_batch", 500, "most messages in one POST /v1/messages", minimum=1, maximum=10000),
@@ -79,6 +86,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("store", "synchronous", "full", "SQLite synchronous mode", choices=("full", "normal")),
     S("store", "max_group", 256, "most queued writes committed in one transaction", minimum=1, maximum=100000),
     S("store", "retention_days", 30, "finished deliveries (acked, expired, cancelled) are purged after this", minimum=1),
+    # --- certs ----------------------------------------------------------------------------------
+    S("certs", "dir", "certs", "the box's CA, server certificate and CRL, relative to the data directory"),
+    S("certs", "names", "", "comma-separated host names and IPs the server certificate covers; empty: this host's names and loopback"),
+    S("certs", "ca_passphrase", "", "encrypts the CA key at rest; empty stores it unencrypted (mode 0600)", secret=True),
+    S("certs", "key_type", "ec-p256", "key type of new certificates (RSA for old clients)", choices=("ec-p256", "rsa-2048", "rsa-3072")),
+    # Let's Encrypt renews 30 days ahead: time to notice and fix a failure before expiry.
+    S("certs", "renew_before_days", 30, "renew the server certificate this long before it expires", minimum=1, maximum=365),
+    S("certs", "check_interval_s", 2.0, "how often certificate and CRL files are checked for changes (revocation, renewal)", minimum=0.1),
     # --- fallback -------------------------------------------------------------------------------
     S("fallback", "max_attempts", 8, "tries per (push, device, channel) on temporary failures before giving up", minimum=1, maximum=100),
     S("fallback", "retry_initial_s", 30.0, "first retry delay after a temporary failure; doubles each try", minimum=0.01),
@@ -270,7 +285,8 @@ class Config:
             except ValueError as exc:
                 problems.append(f"flag for `{name}`: {exc}")
 
-        for name in ("broker.listen", "broker.ws_listen", "api.listen"):
+        for name in ("broker.listen", "broker.ws_listen", "broker.tls_listen", "broker.wss_listen", "api.listen",
+                     "api.tls_listen"):
             try:
                 parse_listen(values[name])
             except ValueError as exc:

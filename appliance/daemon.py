@@ -19,7 +19,7 @@ from appliance.accounts import Accounts
 from appliance.api.admin import AdminApi
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_provider_app
-from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, listener_config
+from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
 from appliance.config import CONFIG_FILE_NAME, Config, parse_listen, render_default_file
 from appliance.directory import Directory
 from appliance.dispatch import Dispatcher
@@ -27,6 +27,8 @@ from appliance.errors import StartupError
 from appliance.escalation import ChannelSettings, Escalator
 from appliance.store import Store
 from appliance.store import messages as sql_messages
+from appliance.tls import TlsManager, TlsSettings, default_names
+from certs import CertError
 from fallback.base import Notice
 
 log = logging.getLogger("appliance.daemon")
@@ -80,6 +82,7 @@ class Daemon:
         self.broker: EmbeddedBroker | None = None
         self.dispatcher: Dispatcher | None = None
         self.escalator: Escalator | None = None
+        self.tls: TlsManager | None = None
         self.directory = Directory()
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -99,51 +102,69 @@ class Daemon:
         dispatcher.on_fallback_queued = self.escalator.poke
         await self.escalator.start()
 
-        listeners = []
-        mqtt = parse_listen(cfg.broker.listen)
-        if mqtt:
-            listeners.append(("mqtt", "tcp", mqtt))
-        ws = parse_listen(cfg.broker.ws_listen)
-        if ws:
-            listeners.append(("mqtt-ws", "ws", ws))
-        if not listeners:
-            raise StartupError("no MQTT listener: set broker.listen or broker.ws_listen")
-        limits = BrokerLimits(cfg.broker.connect_timeout_s, cfg.broker.max_packet_bytes, cfg.broker.max_keepalive_s,
-                              cfg.broker.keepalive_grace, cfg.broker.max_write_buffer_bytes)
-        config = listener_config(listeners)
-        for item in config.values():
-            item["max_connections"] = cfg.broker.max_connections
-        self.broker = EmbeddedBroker(config, dispatcher, limits)
+        tls = self.tls = TlsManager(TlsSettings(
+            directory=cfg.path("certs.dir"),
+            names=[n.strip() for n in cfg.certs.names.split(",") if n.strip()] or default_names(),
+            passphrase=cfg.certs.ca_passphrase or None, key_type=cfg.certs.key_type,
+            renew_before_days=cfg.certs.renew_before_days, check_interval_s=cfg.certs.check_interval_s))
+        try:
+            await asyncio.to_thread(tls.ensure)
+        except CertError as exc:
+            raise StartupError(f"the certificate authority in {cfg.path('certs.dir')} cannot be used: {exc}") from exc
+
+        b = cfg.broker
+        specs = []
+        for name, kind, listen, mode in (("mqtt-tls", "tcp", b.tls_listen, b.tls_client_cert),
+                                         ("mqtt-wss", "ws", b.wss_listen, b.wss_client_cert),
+                                         ("mqtt", "tcp", b.listen, None), ("mqtt-ws", "ws", b.ws_listen, None)):
+            addr = parse_listen(listen)
+            if addr:
+                ctx = tls.context(mode) if mode is not None else None
+                specs.append(ListenerSpec(name, kind, addr[0], addr[1], ctx, mode or "none"))
+        if not specs:
+            raise StartupError("no MQTT listener: set broker.tls_listen (or another broker.*listen)")
+        limits = BrokerLimits(b.connect_timeout_s, b.max_packet_bytes, b.max_keepalive_s, b.keepalive_grace,
+                              b.max_write_buffer_bytes)
+        self.broker = EmbeddedBroker(specs, dispatcher, limits, b.max_connections)
         try:
             await self.broker.start()
         except Exception as exc:
             raise StartupError(f"the MQTT broker cannot start: {exc.__cause__ or exc}") from exc
         bound = self.broker.bound_addresses()
-        names = {"default": listeners[0][0], **{n: n for n, _, _ in listeners[1:]}}
-        for key, sockname in bound.items():
-            self.addresses[names[key]] = _address(sockname)
-        mqtt_port = cfg.broker.public_port or (bound["default"][1] if mqtt else 0)
+        for name, sockname in bound.items():
+            self.addresses[name] = _address(sockname)
+        device_listener = "mqtt-tls" if "mqtt-tls" in bound else "mqtt" if "mqtt" in bound else None
+        web_listener = "mqtt-wss" if "mqtt-wss" in bound else "mqtt-ws" if "mqtt-ws" in bound else None
 
         settings = ProviderSettings(
             max_batch=cfg.api.max_batch, max_tokens=cfg.api.max_tokens, default_ttl_s=cfg.push.default_ttl_s,
             max_ttl_s=cfg.push.max_ttl_s, max_payload_bytes=cfg.push.max_payload_bytes,
-            status_detail_limit=cfg.push.status_detail_limit, public_host=cfg.broker.public_host,
-            mqtt_port=mqtt_port, fallback_channels=frozenset(senders),
-            keepalive={"ios": cfg.broker.keepalive_ios_s, "android": cfg.broker.keepalive_android_s,
-                       "web": cfg.broker.keepalive_web_s, "desktop": cfg.broker.keepalive_desktop_s},
+            status_detail_limit=cfg.push.status_detail_limit, public_host=b.public_host,
+            mqtt_port=b.public_port or (bound[device_listener][1] if device_listener else 0),
+            mqtt_tls=device_listener == "mqtt-tls",
+            websocket_url=(f"{'wss' if web_listener == 'mqtt-wss' else 'ws'}://{{host}}:{bound[web_listener][1]}/"
+                           if web_listener else None),
+            tls_info=tls.enrollment_info(), fallback_channels=frozenset(senders),
+            keepalive={"ios": b.keepalive_ios_s, "android": b.keepalive_android_s,
+                       "web": b.keepalive_web_s, "desktop": b.keepalive_desktop_s},
         )
         provider = ProviderApi(settings, self.directory, dispatcher, store, accounts)
         http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics)
-        host, port = parse_listen(cfg.api.listen) or ("127.0.0.1", 8080)
         runner = web.AppRunner(http, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"the HTTP API cannot listen on {cfg.api.listen}: {exc.strerror}") from exc
-        self.addresses["http"] = _address(site._server.sockets[0].getsockname())  # noqa: SLF001
+        for name, listen, ctx in (("https", cfg.api.tls_listen, tls.context("none")), ("http", cfg.api.listen, None)):
+            addr = parse_listen(listen)
+            if not addr:
+                continue
+            site = web.TCPSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(f"the HTTP API cannot listen on {listen}: {exc.strerror}") from exc
+            self.addresses[name] = _address(site._server.sockets[0].getsockname())  # noqa: SLF001
+        if "https" not in self.addresses and "http" not in self.addresses:
+            raise StartupError("no HTTP listener: set api.tls_listen (or api.listen)")
 
         admin = AdminApi(accounts, self.status)
         socket_path = self.cfg.path("api.admin_socket")
@@ -160,9 +181,10 @@ class Daemon:
         self.addresses["admin"] = str(socket_path)
 
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        self._tasks.append(asyncio.create_task(tls.watch()))
         (self.cfg.data_dir / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
         for name, addr in self.addresses.items():
-            if name.startswith("mqtt") or name == "http":
+            if name in ("mqtt", "mqtt-ws", "http"):
                 log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
                             "no TLS on this listener: use it only on a trusted network")
         log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))

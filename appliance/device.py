@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -41,10 +42,16 @@ class MqttRefused(Exception):
         super().__init__(f"CONNACK return code {code}")
 
 
+def tls_context(cafile: str | None = None, cadata: str | None = None) -> ssl.SSLContext:
+    """A client context that trusts the box's CA (its PEM file, or the `ca_pem` of an enrollment answer)."""
+    return ssl.create_default_context(cafile=cafile, cadata=cadata)
+
+
 async def enroll(url: str, app_id: str, secret: str, device_id: str, platform: str = "desktop",
                  package: str = "com.example.app", alias: str | None = None,
-                 contact: dict[str, str] | None = None, session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
-    """POST /v1/devices; returns the enrollment answer (token, mqtt credentials, topics, keepalive)."""
+                 contact: dict[str, str] | None = None, session: aiohttp.ClientSession | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """POST /v1/devices; returns the enrollment answer (token, mqtt credentials, topics, keepalive, CA)."""
     body: dict[str, Any] = {"app_id": app_id, "platform": platform, "package": package, "device_id": device_id}
     if alias:
         body["alias"] = alias
@@ -53,7 +60,7 @@ async def enroll(url: str, app_id: str, secret: str, device_id: str, platform: s
     own = session is None
     session = session or aiohttp.ClientSession()
     try:
-        async with session.post(f"{url}/v1/devices", json=body,
+        async with session.post(f"{url}/v1/devices", json=body, ssl=ssl_context if ssl_context else True,
                                 headers={"Authorization": f"Bearer {secret}"}) as resp:
             doc = await resp.json()
             if resp.status != 201:
@@ -68,11 +75,16 @@ class Device:
     """One device connection. Pushes arrive in `pushes` (dicts); resync notices have type=resync."""
 
     def __init__(self, enrollment: dict[str, Any], host: str | None = None, port: int | None = None,
-                 on_push: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_push: Callable[[dict[str, Any]], None] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.enrollment = enrollment
         mqtt = enrollment["mqtt"]
         self.host = host or mqtt["host"]
         self.port = port or mqtt["port"]
+        # TLS when the box says so: trust the CA it sent at enrollment unless told otherwise.
+        self.ssl_context = ssl_context
+        if ssl_context is None and mqtt.get("tls"):
+            self.ssl_context = tls_context(cadata=enrollment["ca_pem"])
         self.client_id = mqtt["client_id"]
         self.cursor = 0
         self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -95,7 +107,8 @@ class Device:
         e = self.enrollment
         keepalive = keepalive or e["keepalive_s"]
         self.closed.clear()
-        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self.ssl_context), timeout)
         flags = 0x80 | 0x40 | 0x02
         payload = _string(self.client_id)
         if will:
@@ -193,14 +206,15 @@ class Device:
 
 
 async def simulate(url: str, app_id: str, secret: str, count: int, seconds: float, platform: str,
-                   mqtt_host: str | None) -> int:
+                   mqtt_host: str | None, cafile: str | None = None) -> int:
     """Enroll `count` devices, connect them, print every push they get and ack it as opened."""
     stop_at = time.monotonic() + seconds if seconds else None
     devices: list[Device] = []
+    https = tls_context(cafile=cafile) if url.startswith("https:") else None
     async with aiohttp.ClientSession() as session:
         for i in range(count):
             answer = await enroll(url, app_id, secret, f"simulated-{i}", platform, "org.intrapush.simulator",
-                                  session=session)
+                                  session=session, ssl_context=https)
 
             def show(doc: dict[str, Any], n: int = i) -> None:
                 dev = devices[n]

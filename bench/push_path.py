@@ -39,6 +39,7 @@ def rss_kib(pid: int) -> int:
 
 def start_daemon(data_dir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
+           "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": "", "INTRAPUSH_BROKER_WSS_LISTEN": "",
            **extra_env}
     log = open(data_dir.parent / "daemon.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(data_dir)], env=env,

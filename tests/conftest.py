@@ -35,7 +35,10 @@ class Box:
         run_file = self.data_dir / "run.json"
         if run_file.exists():
             run_file.unlink()
+        # Plain listeners for the protocol tests, TLS ones beside them (tests/e2e/test_tls.py uses those).
         env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
+               "INTRAPUSH_API_TLS_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_TLS_LISTEN": "127.0.0.1:0",
+               "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1",
                "INTRAPUSH_STORE_SYNCHRONOUS": "normal", **self.extra_env}
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(self.data_dir)],

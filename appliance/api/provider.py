@@ -32,6 +32,9 @@ class ProviderSettings:
     public_host: str
     mqtt_port: int
     keepalive: dict[str, int]
+    mqtt_tls: bool = False
+    websocket_url: str | None = None  # with {host}
+    tls_info: dict[str, str] | None = None
     fallback_channels: frozenset[str] = frozenset()
 
 
@@ -101,16 +104,21 @@ class ProviderApi:
         device, password = await self.accounts.enroll(app, req.model_dump())
         host = self.settings.public_host or (request.url.host or "localhost")
         cid = device.client_id
-        return web.json_response({
+        answer: dict[str, Any] = {
             "token": device.token,
-            "mqtt": {"host": host, "port": self.settings.mqtt_port, "client_id": cid, "username": cid,
-                     "password": password},
+            "mqtt": {"host": host, "port": self.settings.mqtt_port, "tls": self.settings.mqtt_tls,
+                     "client_id": cid, "username": cid, "password": password},
             "inbox_topic": topics.inbox_topic(cid),
             "hello_topic": topics.hello_topic(cid),
             "ack_topic": topics.ack_topic(cid),
             "status_topic": topics.status_topic(cid),
             "keepalive_s": self.settings.keepalive[device.platform],
-        }, status=201)
+        }
+        if self.settings.websocket_url:
+            answer["websocket_url"] = self.settings.websocket_url.format(host=host)
+        if self.settings.tls_info:
+            answer.update(self.settings.tls_info)
+        return web.json_response(answer, status=201)
 
     async def handle_device(self, request: web.Request) -> web.Response:
         app = self._app(request)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader, WebSocketsReader, WebSocketsWriter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, Server
+from amqtt.contexts import ListenerType
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
     CONNECTION_ACCEPTED,
@@ -57,6 +59,18 @@ class DeviceGate(Protocol):
     def handle_connected(self, link: DeviceLink) -> None: ...
     def handle_publish(self, link: DeviceLink, kind: str, payload: bytes) -> None: ...
     def handle_disconnected(self, link: DeviceLink, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One MQTT listener: `kind` tcp or ws; with an ssl context it is TLS (MQTTS or WSS)."""
+
+    name: str
+    kind: str
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None = None
+    client_cert: str = "none"
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,9 @@ class _Stream:
         peer = self.writer.get_extra_info("peername")
         return f"{peer[0]}:{peer[1]}" if peer else "?"
 
+    def peer_cert(self) -> dict[str, Any] | None:
+        return self.writer.get_extra_info("peercert")
+
     async def flush(self) -> None:
         return None
 
@@ -137,6 +154,9 @@ class _WebSocket:
     def peer(self) -> str:
         peer = self.writer.get_peer_info()
         return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def peer_cert(self) -> dict[str, Any] | None:
+        return self.websocket.transport.get_extra_info("peercert")
 
     async def flush(self) -> None:
         self.pending = 0
@@ -243,11 +263,24 @@ class DeviceLink:
         self._inflight.discard(pid)
 
 
+def _common_name(cert: dict[str, Any] | None) -> str | None:
+    """The subject CN of a verified peer certificate (as ssl.getpeercert() gives it)."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 class EmbeddedBroker(Broker):
     """amqtt's Broker with its session layer replaced by the hardened one above."""
 
-    def __init__(self, listeners: dict[str, dict[str, Any]], gate: DeviceGate, limits: BrokerLimits) -> None:
-        super().__init__({"listeners": listeners, "plugins": {}})
+    def __init__(self, listeners: list[ListenerSpec], gate: DeviceGate, limits: BrokerLimits,
+                 max_connections: int = 0) -> None:
+        self.specs = {spec.name: spec for spec in listeners}
+        self._max_connections = max_connections
+        # amqtt requires a `default` listener in its config; _start_listeners binds ours instead.
+        super().__init__({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}, "plugins": {}})
         self.gate = gate
         self.limits = limits
         self.links: dict[str, DeviceLink] = {}
@@ -259,8 +292,18 @@ class EmbeddedBroker(Broker):
     async def _session_monitor(self) -> None:
         return None
 
+    async def _start_listeners(self) -> None:
+        """Our listener specs, bound as given: amqtt's config would copy the `default` listener's type and
+        TLS flag into every listener that leaves them at their defaults."""
+        for name, spec in self.specs.items():
+            instance = await self._create_server_instance(name, ListenerType(spec.kind), spec.host, spec.port,
+                                                          spec.ssl_context)
+            self._servers[name] = Server(name, instance, self._max_connections)
+            log.info("event=listener name=%s kind=%s tls=%s client_cert=%s", spec.name, spec.kind,
+                     spec.ssl_context is not None, spec.client_cert)
+
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
-        """The address each listener actually listens on (port 0 resolved)."""
+        """The address each listener actually listens on (port 0 resolved), by our listener names."""
         out = {}
         for name, server in self._servers.items():
             sockets = getattr(server.instance, "sockets", None) or []
@@ -376,6 +419,14 @@ class EmbeddedBroker(Broker):
             code = BAD_USERNAME_PASSWORD if vh.password_flag else NOT_AUTHORIZED
             conn.write(ConnackPacket.build(0, code).to_bytes())
             log.warning("event=refused addr=%s client=%s reason=bad_credentials", peer, client_id[:64])
+            self.refused += 1
+            await conn.flush()
+            return None
+        cert_name = _common_name(conn.peer_cert())
+        if cert_name is not None and cert_name != client_id:
+            conn.write(ConnackPacket.build(0, NOT_AUTHORIZED).to_bytes())
+            log.warning("event=refused addr=%s client=%s reason=certificate_identity cert_cn=%r", peer, client_id,
+                        cert_name[:64])
             self.refused += 1
             await conn.flush()
             return None
@@ -513,13 +564,4 @@ class EmbeddedBroker(Broker):
         link.write_raw(b"\xb0\x02" + _PACK_H(pid))
 
 
-def listener_config(name_addr: list[tuple[str, str, tuple[str, int]]]) -> dict[str, dict[str, Any]]:
-    """amqtt listener dicts from (name, type, (host, port)); the first is named `default` as amqtt needs."""
-    out: dict[str, dict[str, Any]] = {}
-    for i, (name, kind, (host, port)) in enumerate(name_addr):
-        bind_host = f"[{host}]" if ":" in host else host
-        out["default" if i == 0 else name] = {"type": kind, "bind": f"{bind_host}:{port}"}
-    return out
-
-
-__all__ = ["BrokerLimits", "DeviceGate", "DeviceLink", "EmbeddedBroker", "listener_config"]
+__all__ = ["BrokerLimits", "DeviceGate", "DeviceLink", "EmbeddedBroker", "ListenerSpec"]
