@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import certs
 from appliance.directory import App, Device, Directory, hash_secret, new_secret
 from appliance.errors import APP_EXISTS, APP_NOT_FOUND, DEVICE_NOT_FOUND, ApiError
 from appliance.store import Store
@@ -49,19 +51,30 @@ def _rotate_checked(conn: Any, name_or_id: str, key_hash: str, now: float) -> st
     return app_id
 
 
-def _revoke_checked(conn: Any, token: str, now: float) -> int:
+def _revoke_checked(conn: Any, token: str, now: float) -> tuple[int, str]:
     row = sql_devices.find_token(conn, token)
     if row is None or row["retired_at"] is not None:
         raise ApiError(DEVICE_NOT_FOUND, "no active device with that token")
     sql_devices.retire_device(conn, row["id"], "revoked", now)
-    return int(row["id"])
+    return int(row["id"]), str(row["client_id"])
+
+
+def revoke_device_certs(cert_store: certs.CertStore | None, client_id: str) -> int:
+    """A revoked device's certificates go on the CRL too (none issued is fine)."""
+    if cert_store is None or not cert_store.has_ca():
+        return 0
+    try:
+        return len(certs.revoke_device(cert_store, client_id))
+    except certs.UnknownCert:
+        return 0
 
 
 class OfflineAccounts:
     """The same operations on a store with no daemon running (CLI without the admin socket)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cert_store: certs.CertStore | None = None) -> None:
         self.store = store
+        self.cert_store = cert_store
 
     def create_app(self, name: str) -> NewApp:
         created, row = new_app_rows(name, time.time())
@@ -93,15 +106,17 @@ class OfflineAccounts:
 
     def revoke(self, token: str) -> dict[str, Any]:
         now = time.time()
-        self.store.write_now(_revoke_checked, token, now)
-        return {"token": token, "revoked_at": now}
+        _, client_id = self.store.write_now(_revoke_checked, token, now)
+        revoked = revoke_device_certs(self.cert_store, client_id)
+        return {"token": token, "revoked_at": now, "certificates_revoked": revoked}
 
 
 class Accounts(OfflineAccounts):
     """Inside the daemon: writes go through the writer thread and the directory follows each commit."""
 
-    def __init__(self, store: Store, directory: Directory, drop_device: Callable[[Device, str], None]) -> None:
-        super().__init__(store)
+    def __init__(self, store: Store, directory: Directory, drop_device: Callable[[Device, str], None],
+                 cert_store: certs.CertStore | None = None) -> None:
+        super().__init__(store, cert_store)
         self.directory = directory
         self.drop_device = drop_device
 
@@ -156,12 +171,13 @@ class Accounts(OfflineAccounts):
 
     async def revoke_async(self, token: str) -> dict[str, Any]:
         now = time.time()
-        device_id = await self.store.write(_revoke_checked, token, now)
+        device_id, client_id = await self.store.write(_revoke_checked, token, now)
         device = self.directory.by_id.get(device_id)
         if device is not None:
             self.directory.remove_device(device)
             self.drop_device(device, "revoked")
-        return {"token": token, "revoked_at": now}
+        revoked = await asyncio.to_thread(revoke_device_certs, self.cert_store, client_id)
+        return {"token": token, "revoked_at": now, "certificates_revoked": revoked}
 
     async def enroll(self, app: App, fields: dict[str, Any]) -> tuple[Device, str]:
         """Issue a new token for (app, package, device_id), retiring the one it had; returns the MQTT password."""

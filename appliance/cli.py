@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.config import BY_NAME, SETTINGS, Config, ConfigError
 from appliance.errors import ApiError, ApplianceError
+from certs import CertError
 
 DEFAULT_DATA_DIR = "./intrapush-data"
 
@@ -161,7 +162,10 @@ class AdminClient:
         from appliance.accounts import OfflineAccounts
         from appliance.store import Store
 
-        return OfflineAccounts(Store(self.cfg.path("store.path"), self.cfg.store.synchronous))
+        from certs import CertStore
+
+        cert_store = CertStore(self.cfg.path("certs.dir"), passphrase=self.cfg.certs.ca_passphrase or None)
+        return OfflineAccounts(Store(self.cfg.path("store.path"), self.cfg.store.synchronous), cert_store)
 
 
 def _admin(args: argparse.Namespace) -> AdminClient:
@@ -298,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     ftest.add_argument("--text", default="Test message from intrapush.")
     ftest.set_defaults(func=cmd_fallback_test)
 
+    def with_config(fn: Any) -> Any:
+        return lambda args: fn(args, _load_config(args))
+
+    from appliance import cli_certs
+
+    cli_certs.add_commands(sub, common, with_config)
+
     device = sub.add_parser("device", help="devices").add_subparsers(dest="sub", required=True)
     dlist = device.add_parser("list", parents=[common], help="list device tokens")
     dlist.add_argument("--app", help="only this app (id or name)")
@@ -328,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc.kind.message, str(exc), 1)
     except ApplianceError as exc:
         return _fail("cannot continue", str(exc), 1)
+    except CertError as exc:
+        return _fail(f"certificate operation refused ({type(exc).__name__})", str(exc), 1)
     except KeyboardInterrupt:
         return 130
 

@@ -28,7 +28,7 @@ from appliance.escalation import ChannelSettings, Escalator
 from appliance.store import Store
 from appliance.store import messages as sql_messages
 from appliance.tls import TlsManager, TlsSettings, default_names
-from certs import CertError
+from certs import CertError, CertStore
 from fallback.base import Notice
 
 log = logging.getLogger("appliance.daemon")
@@ -95,7 +95,8 @@ class Daemon:
         store = self.store = Store(cfg.path("store.path"), cfg.store.synchronous, cfg.store.max_group)
         store.start()
         dispatcher = self.dispatcher = Dispatcher(store, self.directory, cfg.push.inbox_limit)
-        accounts = Accounts(store, self.directory, dispatcher.drop_device)
+        cert_store = CertStore(cfg.path("certs.dir"), passphrase=cfg.certs.ca_passphrase or None)
+        accounts = Accounts(store, self.directory, dispatcher.drop_device, cert_store)
         accounts.load()
         senders = build_fallback_senders(cfg)
         self.escalator = Escalator(store, senders, fallback_settings(cfg), Notice)
