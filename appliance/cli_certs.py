@@ -61,7 +61,7 @@ def cmd_ca_show(args: argparse.Namespace, cfg: Config) -> int:
     ca = doc["ca"]
     human = "\n".join([
         f"CA:          {ca.get('subject')}",
-        f"fingerprint: {ca.get('fingerprint')}",
+        f"fingerprint: {ca.get('fingerprint_sha256')}",
         f"expires:     {ca.get('not_after')} ({ca.get('days_left')} days)",
         f"pin:         {doc['ca_pin']}",
         f"file:        {doc['ca_file']}",
