@@ -258,3 +258,49 @@ def test_bad_san_is_refused_and_changes_nothing(tls_box: Box, bad: str) -> None:
 def test_keys_are_private(tls_box: Box) -> None:
     for name in ("ca.key", "server.key"):
         assert (tls_box.data_dir / "certs" / name).stat().st_mode & 0o077 == 0
+
+
+def test_browser_transport_secure_websocket_gets_push(tmp_path: Path) -> None:
+    box = Box(tmp_path / "box", env={"INTRAPUSH_BROKER_WSS_LISTEN": "127.0.0.1:0"}).start()
+    try:
+        app = box.create_app("wss")
+        e = enroll_tls(box, app, "browser")
+        assert e["websocket_url"] == f"wss://localhost:{box.port('mqtt-wss')}/"
+        device = PahoDevice(e, box.port("mqtt-wss"), transport="websockets")
+        device.client.tls_set(ca_certs=str(ca_file(box)))
+        device.connect()
+        mid = push(box, app, e["token"], "over wss")
+        assert device.next()["id"] == mid
+        device.close()
+    finally:
+        box.stop()
+
+
+def test_ca_key_encrypted_at_rest_with_a_passphrase(tmp_path: Path) -> None:
+    env = {"INTRAPUSH_CERTS_CA_PASSPHRASE": "an operator secret"}
+    box = Box(tmp_path / "box", env=env).start()
+    box.stop()
+    assert b"ENCRYPTED" in (box.data_dir / "certs" / "ca.key").read_bytes()
+    box.start()  # the passphrase opens it again
+    box.stop()
+    box.extra_env = {"INTRAPUSH_CERTS_CA_PASSPHRASE": "wrong"}
+    with pytest.raises(RuntimeError, match="cannot be used"):
+        box.start()
+
+
+def test_server_certificate_near_expiry_is_renewed_at_start(tmp_path: Path) -> None:
+    data = tmp_path / "box"
+    store = certs.CertStore(data / "certs")
+    certs.create_ca(store)
+    short = certs.issue_server_cert(store, ["localhost", "127.0.0.1"], valid_days=5)
+    box = Box(data).start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file(box)))
+        with socket.create_connection(("127.0.0.1", box.port("mqtt-tls"))) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        assert served.serial_number != short.serial_number
+        assert served.not_valid_after_utc - datetime.now(timezone.utc) > timedelta(days=300)
+        assert "event=server_cert_renewed" in box.log()
+    finally:
+        box.stop()
