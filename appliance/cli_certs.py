@@ -86,9 +86,36 @@ def cmd_ca_import(args: argparse.Namespace, cfg: Config) -> int:
     key_password = Path(args.key_password_file).read_text().strip() if args.key_password_file else None
     ca = certs.import_ca(store, Path(args.cert).read_bytes(), Path(args.key).read_bytes(),
                          key_password=key_password, overwrite=args.force)
-    server = certs.issue_server_cert(store, _names(cfg), key_type=cfg.certs.key_type)
-    doc = {"ca": certs.describe(ca).as_dict(), "server": certs.describe(server).as_dict()}
-    _emit(args, doc, f"imported CA {ca.subject.rfc4514_string()}; issued a server certificate under it")
+    return _after_new_ca(args, cfg, store, ca, "imported")
+
+
+def cmd_ca_create(args: argparse.Namespace, cfg: Config) -> int:
+    store = _store(cfg)
+    ca = certs.create_ca(store, key_type=cfg.certs.key_type, overwrite=args.force)
+    return _after_new_ca(args, cfg, store, ca, "created")
+
+
+def _after_new_ca(args: argparse.Namespace, cfg: Config, store: certs.CertStore, ca: Any, verb: str) -> int:
+    """A first CA gets a server certificate at once; a rotation keeps the old one until devices trust
+    the new CA (docs/certificates.md, "Rotation")."""
+    doc: dict[str, Any] = {"ca": certs.describe(ca).as_dict(), "ca_pin": "sha256/" + certs.spki_pin(ca)}
+    if store.has_previous_ca():
+        human = (f"{verb} CA {ca.subject.rfc4514_string()}; the old CA stays trusted as the previous CA. "
+                 "Distribute `intrapush ca export`, then run `intrapush cert server`.")
+    else:
+        doc["server"] = certs.describe(certs.issue_server_cert(store, _names(cfg), key_type=cfg.certs.key_type)).as_dict()
+        human = f"{verb} CA {ca.subject.rfc4514_string()}; issued a server certificate under it"
+    _emit(args, doc, human)
+    return 0
+
+
+def cmd_ca_retire_previous(args: argparse.Namespace, cfg: Config) -> int:
+    retired = certs.retire_previous_ca(_store(cfg))
+    if retired is None:
+        _emit(args, {"retired": None}, "there is no previous CA")
+        return 0
+    _emit(args, {"retired": certs.describe(retired).as_dict()},
+          f"retired the previous CA {retired.subject.rfc4514_string()}; its certificates are refused from now on")
     return 0
 
 
@@ -160,6 +187,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, run: Any) -> None:
     imp.add_argument("--key-password-file", help="file holding the key's password")
     imp.add_argument("--force", action="store_true", help="replace an existing CA (kept as previous until retired)")
     imp.set_defaults(func=run(cmd_ca_import))
+    create = ca.add_parser("create", parents=[common], help="create a new CA of the box's own (rotation)")
+    create.add_argument("--force", action="store_true", help="replace the existing CA (kept as previous)")
+    create.set_defaults(func=run(cmd_ca_create))
+    ca.add_parser("retire-previous", parents=[common], help="stop trusting the previous CA after a rotation").set_defaults(
+        func=run(cmd_ca_retire_previous))
 
     cert = sub.add_parser("cert", help="server and device certificates").add_subparsers(dest="sub", required=True)
     server = cert.add_parser("server", parents=[common], help="(re)issue the server certificate")

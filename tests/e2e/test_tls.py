@@ -9,6 +9,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -166,9 +167,9 @@ def from_p12(box: Box, token: str, directory: Path, label: str) -> tuple[Path, P
     return write_pem(certs.load_pkcs12(out.read_bytes(), "correct horse battery"), directory, label)
 
 
-def mqtt_over_tls(box: Box, e: dict, cert: tuple[Path, Path] | None) -> str:
+def mqtt_over_tls(box: Box, e: dict, cert: tuple[Path, Path] | None, trust_file: Path | None = None) -> str:
     """'accepted', 'refused:<connack code>' or 'tls-refused'."""
-    ctx = ssl.create_default_context(cafile=str(ca_file(box)))
+    ctx = ssl.create_default_context(cafile=str(trust_file or ca_file(box)))
     if cert is not None:
         ctx.load_cert_chain(*map(str, cert))
     try:
@@ -302,5 +303,26 @@ def test_server_certificate_near_expiry_is_renewed_at_start(tmp_path: Path) -> N
         assert served.serial_number != short.serial_number
         assert served.not_valid_after_utc - datetime.now(timezone.utc) > timedelta(days=300)
         assert "event=server_cert_renewed" in box.log()
+    finally:
+        box.stop()
+
+
+def test_ca_rotation_keeps_old_devices_trusted_until_retired(tmp_path: Path) -> None:
+    box = Box(tmp_path / "box", env={"INTRAPUSH_BROKER_TLS_CLIENT_CERT": "required",
+                                     "INTRAPUSH_CERTS_CHECK_INTERVAL_S": "0.2"}).start()
+    try:
+        app = box.create_app("rotate")
+        e = enroll_tls(box, app, "old-phone")
+        old_cert = from_p12(box, e["token"], tmp_path, "old")
+        created = json.loads(box.cli("ca", "create", "--force", "--json").stdout)
+        assert "server" not in created  # the server keeps its certificate until devices trust the new CA
+        bundle = tmp_path / "bundle.pem"  # what MDM distributes during the overlap: both CAs
+        box.cli("ca", "export", "--out", str(bundle))
+        time.sleep(0.5)
+        assert mqtt_over_tls(box, e, old_cert, bundle) == "accepted"
+        assert created["ca_pin"] != e["ca_pin"]
+        box.cli("cert", "server")
+        box.cli("ca", "retire-previous")
+        wait_for(lambda: mqtt_over_tls(box, e, old_cert, bundle) == "tls-refused", timeout=10)
     finally:
         box.stop()
