@@ -158,6 +158,12 @@ class AdminClient:
             raise SystemExit(_fail(f"the daemon refused: {doc.get('error')}", json.dumps(doc), 1))
         return doc
 
+    def do(self, method: str, path: str, offline: Any, body: dict[str, Any] | None = None) -> Any:
+        """Through the daemon when it runs, else `offline(accounts)` on the database."""
+        if self.daemon_running():
+            return self.call(method, path, body)
+        return offline(self.offline())
+
     def offline(self) -> Any:
         from appliance.accounts import OfflineAccounts
         from appliance.store import Store
@@ -177,29 +183,20 @@ def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
 
 
 def cmd_app_create(args: argparse.Namespace) -> int:
-    admin = _admin(args)
-    if admin.daemon_running():
-        doc = admin.call("POST", "/admin/apps", {"name": args.name})
-    else:
-        doc = admin.offline().create_app(args.name).as_json()
+    doc = _admin(args).do("POST", "/admin/apps", lambda acc: acc.create_app(args.name).as_json(), {"name": args.name})
     _print(args, doc, "\n".join(f"{k}: {v}" for k, v in doc.items()) +
            "\n(the API key and the enrollment secret are shown only now)")
     return 0
 
 
 def cmd_app_list(args: argparse.Namespace) -> int:
-    admin = _admin(args)
-    apps = admin.call("GET", "/admin/apps") if admin.daemon_running() else admin.offline().list_apps()
+    apps = _admin(args).do("GET", "/admin/apps", lambda acc: acc.list_apps())
     _print(args, apps, "\n".join(f"{a['app_id']}  {a['name']}  devices={a['devices']}" for a in apps) or "no apps")
     return 0
 
 
 def cmd_app_rotate(args: argparse.Namespace) -> int:
-    admin = _admin(args)
-    if admin.daemon_running():
-        doc = admin.call("POST", f"/admin/apps/{args.app}/rotate-key")
-    else:
-        doc = admin.offline().rotate_key(args.app)
+    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/rotate-key", lambda acc: acc.rotate_key(args.app))
     _print(args, doc, f"app_id: {doc['app_id']}\napi_key: {doc['api_key']}\n(the old key no longer works)")
     return 0
 
@@ -218,22 +215,15 @@ def cmd_app_fallback(args: argparse.Namespace) -> int:
         if args.email_subject:
             policy["email_subject"] = args.email_subject
         policy = validate(AppFallbackRequest, {"policy": policy}).policy.model_dump()
-    admin = _admin(args)
-    if admin.daemon_running():
-        doc = admin.call("PUT", f"/admin/apps/{args.app}/fallback", {"policy": policy})
-    else:
-        doc = admin.offline().set_app_fallback(args.app, policy)
+    doc = _admin(args).do("PUT", f"/admin/apps/{args.app}/fallback",
+                          lambda acc: acc.set_app_fallback(args.app, policy), {"policy": policy})
     _print(args, doc, f"{doc['app_id']}: fallback {json.dumps(doc['fallback'])}")
     return 0
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
-    admin = _admin(args)
-    if admin.daemon_running():
-        query = f"?app={args.app}" if args.app else ""
-        devices = admin.call("GET", f"/admin/devices{query}")
-    else:
-        devices = admin.offline().list_devices(args.app)
+    query = f"?app={args.app}" if args.app else ""
+    devices = _admin(args).do("GET", f"/admin/devices{query}", lambda acc: acc.list_devices(args.app))
     lines = [f"{d['token']}  {d['platform']:<7} {d['package']}  {d['device_id']}  "
              f"{'retired ' + str(d['retired_reason']) if d['retired_at'] else 'active'}" for d in devices]
     _print(args, devices, "\n".join(lines) or "no devices")
@@ -241,11 +231,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
-    admin = _admin(args)
-    if admin.daemon_running():
-        doc = admin.call("POST", f"/admin/devices/{args.token}/revoke")
-    else:
-        doc = admin.offline().revoke(args.token)
+    doc = _admin(args).do("POST", f"/admin/devices/{args.token}/revoke", lambda acc: acc.revoke(args.token))
     _print(args, doc, f"revoked {doc['token']}")
     return 0
 
