@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,9 +38,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def start_daemon(data_dir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
-           "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": "", "INTRAPUSH_BROKER_WSS_LISTEN": "",
+def start_daemon(data_dir: Path, extra_env: dict[str, str], tls: bool = False
+                 ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    listen = {"INTRAPUSH_API_TLS_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_TLS_LISTEN": "127.0.0.1:0"} if tls else \
+        {"INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
+         "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": ""}
+    env = {**os.environ, **listen, "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1",
            **extra_env}
     log = open(data_dir.parent / "daemon.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(data_dir)], env=env,
@@ -67,23 +71,26 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="intrapush-bench-"))
     data_dir = tmp / "data"
     env = {"INTRAPUSH_LOG_LEVEL": args.log_level}
-    proc, addrs = start_daemon(data_dir, env)
-    url = "http://" + addrs["http"]
-    mqtt_port = int(addrs["mqtt"].rsplit(":", 1)[1])
+    proc, addrs = start_daemon(data_dir, env, args.tls)
+    url = "https://" + addrs["https"].replace("127.0.0.1", "localhost") if args.tls else "http://" + addrs["http"]
+    mqtt_port = int(addrs["mqtt-tls" if args.tls else "mqtt"].rsplit(":", 1)[1])
+    https = ssl.create_default_context(cafile=str(data_dir / "certs" / "ca.pem")) if args.tls else None
     out = subprocess.run([sys.executable, "-m", "appliance", "app", "create", "bench", "--json", "--data-dir",
                           str(data_dir)], capture_output=True, text=True, check=True)
     app = json.loads(out.stdout)
-    result: dict[str, object] = {"scenario": "push_path", "devices": args.devices, "machine": platform.node(),
+    result: dict[str, object] = {"scenario": "push_path", "tls": args.tls, "devices": args.devices, "machine": platform.node(),
                                  "cpus": os.cpu_count(), "python": platform.python_version(),
                                  "log_level": args.log_level, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app['api_key']}"}) as session:
+        connector = aiohttp.TCPConnector(ssl=https) if https else None
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app['api_key']}"},
+                                         connector=connector) as session:
             sem = asyncio.Semaphore(32)
 
             async def one(i: int) -> dict:
                 async with sem:
                     return await enroll(url, app["app_id"], app["enrollment_secret"], f"bench-{i}", "android",
-                                        session=session)
+                                        session=session, ssl_context=https)
 
             enrollments = await asyncio.gather(*(one(i) for i in range(args.devices)))
             await asyncio.sleep(0.5)
@@ -102,7 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
             t0 = time.perf_counter()
             for e in enrollments:
-                dev = Device(e, host="127.0.0.1", port=mqtt_port)
+                dev = Device(e, host="localhost" if args.tls else "127.0.0.1", port=mqtt_port)
                 devices.append(dev)
             # each device acks what it gets; the callback knows its device through a closure
             for dev in devices:
@@ -180,6 +187,7 @@ def main() -> None:
     parser.add_argument("--pushes", type=int, default=20000)
     parser.add_argument("--single", type=int, default=2000)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--tls", action="store_true", help="HTTPS and MQTT over TLS, as shipped by default")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
