@@ -284,6 +284,10 @@ class Dispatcher:
         by_seq, self._acks_by_seq = self._acks_by_seq, []
         by_id, self._acks_by_id = self._acks_by_id, []
         seen, self._seen = self._seen, {}
+        if by_seq and delivered:
+            # An ack in the same flush supersedes the delivered mark: one UPDATE per push, not two.
+            acked = {(row[2], row[3]) for row in by_seq}
+            delivered = [row for row in delivered if (row[1], row[2]) not in acked]
         if delivered or by_seq or by_id or seen:
             self.store.write_later(_write_marks, delivered, by_seq, by_id, [(t, d) for d, t in seen.items()])
 
