@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon, prepare_data_dir
     from appliance.logs import setup_logging
 
-    prepare_data_dir(_data_dir(args))
+    prepare_data_dir(_data_dir(args), write_config=not getattr(args, "config", None))
     flags = {}
     if args.http_listen is not None:
         flags["api.listen"] = args.http_listen

@@ -36,11 +36,11 @@ RUN_FILE = "run.json"
 PURGE_EVERY_S = 3600.0
 
 
-def prepare_data_dir(data_dir: Path) -> None:
-    """Create the data directory (0700) and, on first start, the annotated config file."""
+def prepare_data_dir(data_dir: Path, write_config: bool = True) -> None:
+    """Create the data directory (0700) and, on first start, the annotated config file in it."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_file = data_dir / CONFIG_FILE_NAME
-    if not config_file.exists():
+    if write_config and not config_file.exists():
         config_file.write_text(render_default_file(), encoding="utf-8")
 
 

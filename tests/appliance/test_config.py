@@ -70,3 +70,9 @@ def test_config_show_names_each_source(tmp_path: Path) -> None:
     assert lines["push.inbox_limit"].endswith(f"({tmp_path / 'intrapush.toml'})")
     assert "env INTRAPUSH_API_MAX_BATCH" in lines["api.max_batch"]
     assert lines["store.path"].endswith("(default)")
+
+
+def test_shipped_config_file_is_the_rendered_defaults() -> None:
+    shipped = Path(__file__).parent.parent.parent / "image" / "intrapush.toml"
+    assert shipped.read_text() == render_default_file(), "run: python -c 'from appliance.config import " \
+        "render_default_file; open(\"image/intrapush.toml\",\"w\").write(render_default_file())'"
