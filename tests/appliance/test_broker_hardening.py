@@ -272,3 +272,47 @@ def test_bad_json_from_a_device_is_ignored_and_the_box_keeps_serving(hardened_bo
     assert device.next()["title"] == "alive"
     assert httpx.get(f"{hardened_box.url}/healthz").json() == {"status": "ok"}
     device.close()
+
+
+def test_pinging_client_outlives_the_keepalive_window(hardened_box: Box) -> None:
+    app = hardened_box.create_app("ping-" + uuid.uuid4().hex[:6])
+    e = hardened_box.enroll(app, "pinger")
+    sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
+    sock.sendall(connect_packet(e["mqtt"]["client_id"], e["mqtt"]["username"], e["mqtt"]["password"], keepalive=1))
+    read_packet(sock)
+    for _ in range(6):  # 3 s: twice the 1.5 s window
+        time.sleep(0.5)
+        sock.sendall(b"\xc0\x00")
+        assert read_packet(sock)[0] == 0xD0
+    with hardened_box.api(app) as api:
+        assert api.get(f"/v1/devices/{e['token']}").json()["online"] is True
+
+
+def test_device_that_stops_reading_is_dropped_and_its_pushes_wait(tmp_path: Path) -> None:
+    box = Box(tmp_path / "box", env={"INTRAPUSH_BROKER_MAX_WRITE_BUFFER_BYTES": "65536"}).start()
+    try:
+        app = box.create_app("slow")
+        e = box.enroll(app, "slow")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", box.mqtt_port))
+        sock.sendall(connect_packet(e["mqtt"]["client_id"], e["mqtt"]["username"], e["mqtt"]["password"]))
+        read_packet(sock)
+        sock.sendall(subscribe_packet(e["inbox_topic"]))
+        read_packet(sock)
+        sock.sendall(publish_packet(e["hello_topic"], b'{"cursor":0}'))
+        body = "x" * 3000
+        with box.api(app) as api:
+            for _ in range(4):  # 2,000 pushes of 3 KB: far beyond what the socket buffers hold
+                batch = [{"to": {"token": e["token"]}, "body": body} for _ in range(500)]
+                assert api.post("/v1/messages", json={"messages": batch}).status_code == 202
+            wait_for(lambda: api.get(f"/v1/devices/{e['token']}").json()["online"] is False, timeout=10)
+        assert "reason=slow_consumer" in box.log()
+        sock.close()
+        device = PahoDevice(e, box.mqtt_port).connect(cursor=0)
+        # The store kept every push up to the inbox limit (1,000) and says what overflowed.
+        assert device.next() == {"type": "resync", "through": 1000}
+        assert [device.next()["seq"] for _ in range(1000)] == list(range(1001, 2001))
+        device.close()
+    finally:
+        box.stop()
