@@ -326,3 +326,24 @@ def test_ca_rotation_keeps_old_devices_trusted_until_retired(tmp_path: Path) -> 
         wait_for(lambda: mqtt_over_tls(box, e, old_cert, bundle) == "tls-refused", timeout=10)
     finally:
         box.stop()
+
+
+def test_mosquitto_sub_with_a_device_certificate(mtls_box: Box, tmp_path: Path) -> None:
+    app = mtls_box.create_app("mosq-mtls-" + uuid.uuid4().hex[:6])
+    e = enroll_tls(mtls_box, app, "mosq")
+    crt, key = from_p12(mtls_box, e["token"], tmp_path, "mosq")
+    m = e["mqtt"]
+    base = ["mosquitto_sub", "-h", "localhost", "-p", str(m["port"]), "--cafile", str(ca_file(mtls_box)),
+            "-i", m["client_id"], "-u", m["username"], "-P", m["password"], "-t", e["inbox_topic"], "-q", "1",
+            "-C", "1", "-W", "10"]
+    refused = subprocess.run(base[:-4] + ["-C", "1", "-W", "3"], capture_output=True, text=True, timeout=20)
+    assert refused.returncode != 0  # no certificate: the handshake fails
+    proc = subprocess.Popen(base + ["--cert", str(crt), "--key", str(key)], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: httpx.get(f"{https(mtls_box)}/v1/devices/{e['token']}", verify=trust(mtls_box),
+                                   headers={"Authorization": f"Bearer {app['api_key']}"}).json()["subscribed"])
+        mid = push(mtls_box, app, e["token"], "mosquitto with a certificate")
+        out, _ = proc.communicate(timeout=15)
+        assert json.loads(out)["id"] == mid
+    finally:
+        proc.kill()
