@@ -8,15 +8,33 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import certs
-from appliance.directory import App, Device, Directory, hash_secret, new_secret
+from appliance.directory import App, Device, Directory, hash_secret, hash_secret_pbkdf2, new_secret
 from appliance.errors import APP_EXISTS, APP_NOT_FOUND, DEVICE_NOT_FOUND, ApiError
 from appliance.store import Store
 from appliance.store import apps as sql_apps
 from appliance.store import devices as sql_devices
 from appliance.store import escalations as sql_escalations
+
+
+class BrokerCredentials(Protocol):
+    """Device logins held by the broker itself (Mosquitto's dynamic security); the embedded broker reads the
+    directory instead and needs nothing. Called after the store committed the change."""
+
+    async def add_device(self, client_id: str, password: str) -> None: ...
+    async def remove_device(self, client_id: str) -> None: ...
+
+
+class DirectoryCredentials:
+    """The embedded broker authenticates against the directory: nothing to provision."""
+
+    async def add_device(self, client_id: str, password: str) -> None:
+        return None
+
+    async def remove_device(self, client_id: str) -> None:
+        return None
 
 
 @dataclass
@@ -115,10 +133,11 @@ class Accounts(OfflineAccounts):
     """Inside the daemon: writes go through the writer thread and the directory follows each commit."""
 
     def __init__(self, store: Store, directory: Directory, drop_device: Callable[[Device, str], None],
-                 cert_store: certs.CertStore | None = None) -> None:
+                 cert_store: certs.CertStore | None = None, credentials: BrokerCredentials | None = None) -> None:
         super().__init__(store, cert_store)
         self.directory = directory
         self.drop_device = drop_device
+        self.credentials: BrokerCredentials = credentials or DirectoryCredentials()
 
     def load(self) -> None:
         for row in self.store.read_now(sql_apps.select_apps):
@@ -176,6 +195,7 @@ class Accounts(OfflineAccounts):
         if device is not None:
             self.directory.remove_device(device)
             self.drop_device(device, "revoked")
+        await self.credentials.remove_device(client_id)  # a broker holding logins also disconnects it
         revoked = await asyncio.to_thread(revoke_device_certs, self.cert_store, client_id)
         return {"token": token, "revoked_at": now, "certificates_revoked": revoked}
 
@@ -187,7 +207,8 @@ class Accounts(OfflineAccounts):
         contact = fields.get("contact") or {}
         row = {
             "app_id": app.id, "token": new_secret("dt_", 24), "client_id": "d-" + secrets.token_hex(8),
-            "mqtt_password_hash": hash_secret(password), "platform": fields["platform"],
+            "mqtt_password_hash": hash_secret(password), "mqtt_password_pbkdf2": hash_secret_pbkdf2(password),
+            "platform": fields["platform"],
             "package": fields["package"], "device_id": fields["device_id"], "alias": fields.get("alias"),
             "phone": contact.get("phone"), "email": contact.get("email"), "created_at": now,
         }
@@ -195,8 +216,10 @@ class Accounts(OfflineAccounts):
         if old is not None:
             self.directory.remove_device(old)
             self.drop_device(old, "reenrolled")
+            await self.credentials.remove_device(old.client_id)
         device = Device.from_row({**row, "last_seq": 0, "dropped_through": 0})
         self.directory.add_device(device)
+        await self.credentials.add_device(device.client_id, password)  # before the answer: it may connect at once
         return device, password
 
     async def set_subscription(self, app_id: str, topic: str, devices: list[Device], subscribe: bool) -> None:

@@ -41,7 +41,14 @@ class Setting:
 S = Setting
 SETTINGS: tuple[Setting, ...] = (
     # --- broker ---------------------------------------------------------------------------------
-    S("broker", "backend", "embedded", "MQTT broker: the embedded hardened amqtt", choices=("embedded",)),
+    # Embedded needs nothing but Python; Mosquitto is for big sites (docs/broker.md).
+    S("broker", "backend", "embedded", "MQTT broker: the embedded hardened amqtt, or Mosquitto (a supervised child, or `url`)",
+      choices=("embedded", "mosquitto")),
+    S("broker", "url", "", "mosquitto backend: an external broker, mqtt[s]://user:password@host:port; empty runs Mosquitto as a child",
+      secret=True),
+    S("broker", "mosquitto_bin", "mosquitto", "mosquitto backend: the Mosquitto program run as a child"),
+    S("broker", "mosquitto_plugin", "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+      "mosquitto backend: Mosquitto's dynamic-security plugin (device logins)"),
     S("broker", "tls_listen", "0.0.0.0:8883", "MQTT over TLS listener, host:port; empty turns it off"),
     S("broker", "wss_listen", "0.0.0.0:8884", "MQTT over secure WebSocket (browsers), host:port; empty turns it off"),
     S("broker", "listen", "", "plain MQTT listener (no TLS, trusted networks only); empty turns it off"),

@@ -26,6 +26,7 @@ from appliance.dispatch import Dispatcher
 from appliance.errors import StartupError
 from appliance.escalation import ChannelSettings, Escalator
 from appliance.store import Store
+from appliance.store import devices as sql_devices
 from appliance.store import messages as sql_messages
 from appliance.tls import TlsManager, TlsSettings, default_names
 from certs import CertError, CertStore
@@ -79,7 +80,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.store: Store | None = None
-        self.broker: EmbeddedBroker | None = None
+        self.broker: Any = None  # EmbeddedBroker or mosquitto.MosquittoBroker
         self.dispatcher: Dispatcher | None = None
         self.escalator: Escalator | None = None
         self.tls: TlsManager | None = None
@@ -126,7 +127,12 @@ class Daemon:
             raise StartupError("no MQTT listener: set broker.tls_listen (or another broker.*listen)")
         limits = BrokerLimits(b.connect_timeout_s, b.max_packet_bytes, b.max_keepalive_s, b.keepalive_grace,
                               b.max_write_buffer_bytes)
-        self.broker = EmbeddedBroker(specs, dispatcher, limits, b.max_connections)
+        if b.backend == "mosquitto":
+            from appliance.broker import mosquitto  # noqa: PLC0415 - only this backend needs it
+            self.broker = mosquitto.from_config(cfg, specs, dispatcher, self._broker_logins, tls.store)
+            accounts.credentials = self.broker  # enroll and revoke add and remove Mosquitto logins
+        else:
+            self.broker = EmbeddedBroker(specs, dispatcher, limits, b.max_connections)
         try:
             await self.broker.start()
         except Exception as exc:
@@ -189,6 +195,11 @@ class Daemon:
                 log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
                             "no TLS on this listener: use it only on a trusted network")
         log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
+
+    async def _broker_logins(self) -> list[tuple[str, str | None]]:
+        """Every active device's MQTT login, for a broker that holds them itself (Mosquitto)."""
+        assert self.store is not None
+        return await self.store.read(sql_devices.select_broker_credentials)
 
     async def _sweep_forever(self) -> None:
         assert self.dispatcher is not None and self.store is not None

@@ -6,6 +6,7 @@ hot path (auth, target resolution) never reads the database.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -16,6 +17,15 @@ from typing import Any
 def hash_secret(secret: str) -> str:
     """SHA-256 of a high-entropy random secret: safe (no dictionary attack applies) and fast on the loop."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def hash_secret_pbkdf2(secret: str, iterations: int = 101) -> str:
+    """The same secret as Mosquitto's dynamic-security plugin stores it (PBKDF2-SHA512, 12-byte salt), so a
+    broker can be provisioned without the secret: `pbkdf2-sha512$<iterations>$<salt b64>$<hash b64>`.
+    101 iterations is the plugin's own default; the secret's 192 random bits are what protect it."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations)
+    return f"pbkdf2-sha512${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def secret_matches(secret: str, digest: str) -> bool:

@@ -101,6 +101,10 @@ class Dispatcher:
     def authenticate(self, client_id: str, username: str | None, password: str | None) -> Device | None:
         return self.directory.authenticate_device(client_id, username, password)
 
+    def identify(self, client_id: str) -> Device | None:
+        """The device behind a client id, for a broker that checked the password itself (Mosquitto)."""
+        return self.directory.by_client.get(client_id)
+
     def handle_connected(self, link: Link) -> None:
         device: Device = link.principal
         if device.id not in self.directory.by_id:  # revoked between CONNECT and now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +19,24 @@ import paho.mqtt.client as mqtt
 import pytest
 
 START_TIMEOUT_S = 20
+MOSQUITTO_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+HAS_MOSQUITTO = shutil.which("mosquitto") is not None and MOSQUITTO_PLUGIN.exists()
+needs_mosquitto = pytest.mark.skipif(not HAS_MOSQUITTO, reason="Mosquitto is not installed (apt-get install mosquitto; "
+                                     "CI installs it from .ci/debian-packages)")
+# The device-protocol tests run against both broker backends (override `backend` with these params).
+BACKENDS = ["embedded", pytest.param("mosquitto", marks=needs_mosquitto)]
 
 
 class Box:
     """One `intrapush serve` process with its own data directory."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, backend: str | None = None) -> None:
         self.data_dir = data_dir
         self.extra_env = env or {}
+        if backend is not None:
+            self.extra_env.setdefault("INTRAPUSH_BROKER_BACKEND", backend)
+        self.backend = self.extra_env.get("INTRAPUSH_BROKER_BACKEND") or os.environ.get("INTRAPUSH_BROKER_BACKEND",
+                                                                                          "embedded")
         self.proc: subprocess.Popen[bytes] | None = None
         self.addresses: dict[str, str] = {}
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
@@ -172,16 +183,28 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any
     raise AssertionError("condition not met in time")
 
 
+@pytest.fixture(scope="module")
+def backend() -> str | None:
+    """The broker backend of `box` and `shared_box`: the environment's (INTRAPUSH_BROKER_BACKEND) unless a
+    module overrides this fixture, e.g. `backend = pytest.fixture(scope="module", params=BACKENDS)(...)`."""
+    return None
+
+
 @pytest.fixture
-def box(tmp_path: Path) -> Iterator[Box]:
-    b = Box(tmp_path / "box", env={"INTRAPUSH_PUSH_EXPIRY_SWEEP_S": "0.2"}).start()
+def box(tmp_path: Path, backend: str | None) -> Iterator[Box]:
+    b = Box(tmp_path / "box", env={"INTRAPUSH_PUSH_EXPIRY_SWEEP_S": "0.2"}, backend=backend).start()
     yield b
     b.stop()
 
 
 @pytest.fixture(scope="module")
-def shared_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+def shared_box(tmp_path_factory: pytest.TempPathFactory, backend: str | None) -> Iterator[Box]:
     """One daemon for a module's non-destructive tests (each test makes its own app)."""
-    b = Box(tmp_path_factory.mktemp("shared") / "box", env={"INTRAPUSH_PUSH_EXPIRY_SWEEP_S": "0.2"}).start()
+    b = Box(tmp_path_factory.mktemp("shared") / "box", env={"INTRAPUSH_PUSH_EXPIRY_SWEEP_S": "0.2"},
+            backend=backend).start()
     yield b
     b.stop()
+
+
+def backend_param(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

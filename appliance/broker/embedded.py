@@ -19,6 +19,7 @@ import logging
 import ssl
 import struct
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader, WebSocketsReader, WebSocketsWriter
@@ -44,6 +45,7 @@ log = logging.getLogger("appliance.broker")
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
 PINGRESP = b"\xd0\x00"
+ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _PACK_H = struct.Struct("!H").pack
 _UNPACK_H = struct.Struct("!H").unpack_from
 
@@ -80,15 +82,6 @@ class BrokerLimits:
     max_keepalive_s: int = 1200
     keepalive_grace: float = 1.5
     max_write_buffer_bytes: int = 1 << 20
-
-
-def _encode_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
 
 
 class _Stream:
@@ -208,7 +201,7 @@ class DeviceLink:
         self._next_pid = pid
         self._inflight.add(pid)
         body_len = len(self._inbox_header) + 2 + len(payload)
-        self._conn.write(b"\x32" + _encode_length(body_len) + self._inbox_header + _PACK_H(pid) + payload)
+        self._conn.write(b"\x32" + topics.encode_length(body_len) + self._inbox_header + _PACK_H(pid) + payload)
         self._after_write()
         return True
 
@@ -301,6 +294,15 @@ class EmbeddedBroker(Broker):
             self._servers[name] = Server(name, instance, self._max_connections)
             log.info("event=listener name=%s kind=%s tls=%s client_cert=%s", spec.name, spec.kind,
                      spec.ssl_context is not None, spec.client_cert)
+
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType, address: str | None,
+                                      port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        """TCP listeners with a deep accept backlog: amqtt keeps asyncio's 100, so a reconnect storm of
+        thousands of devices overflowed it and lost SYNs came back only after 1, 3, 7 s of retransmits."""
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
+                                          reuse_address=True, ssl=ssl_context, backlog=ACCEPT_BACKLOG)
 
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
         """The address each listener actually listens on (port 0 resolved), by our listener names."""

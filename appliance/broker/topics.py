@@ -11,6 +11,16 @@ from __future__ import annotations
 PREFIX = "push/"
 
 
+def encode_length(n: int) -> bytes:
+    """MQTT's Remaining Length: a variable-byte integer of 1 to 4 bytes."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
 def inbox_topic(client_id: str) -> str:
     return f"{PREFIX}{client_id}/inbox"
 

@@ -114,6 +114,11 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX escalations_due ON escalations(next_at) WHERE state <= 1;
     """,
+    # 3: the MQTT password also as PBKDF2-SHA512 (Mosquitto's dynamic-security format), so the Mosquitto
+    # backend can provision every device at start without knowing its password (#5)
+    """
+    ALTER TABLE devices ADD COLUMN mqtt_password_pbkdf2 TEXT;
+    """,
 )
 
 SQL_CREATE_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

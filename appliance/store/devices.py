@@ -10,10 +10,10 @@ DEVICE_COLUMNS = (
     "created_at, retired_at, retired_reason, last_seq, dropped_through, last_seen"
 )
 SQL_INSERT_DEVICE = """
-INSERT INTO devices (app_id, token, client_id, mqtt_password_hash, platform, package, device_id, alias,
-                     phone, email, created_at)
-VALUES (:app_id, :token, :client_id, :mqtt_password_hash, :platform, :package, :device_id, :alias,
-        :phone, :email, :created_at)
+INSERT INTO devices (app_id, token, client_id, mqtt_password_hash, mqtt_password_pbkdf2, platform, package,
+                     device_id, alias, phone, email, created_at)
+VALUES (:app_id, :token, :client_id, :mqtt_password_hash, :mqtt_password_pbkdf2, :platform, :package,
+        :device_id, :alias, :phone, :email, :created_at)
 """
 SQL_RETIRE_DEVICE = "UPDATE devices SET retired_at = ?, retired_reason = ? WHERE id = ? AND retired_at IS NULL"
 SQL_ACTIVE_DEVICES = f"SELECT {DEVICE_COLUMNS} FROM devices WHERE retired_at IS NULL"
@@ -26,6 +26,7 @@ SQL_UNSUBSCRIBE = "DELETE FROM topic_subscribers WHERE app_id = ? AND topic = ? 
 SQL_UNSUBSCRIBE_DEVICE = "DELETE FROM topic_subscribers WHERE device = ?"
 SQL_RETIRE_DELIVERIES = "UPDATE deliveries SET state = 7, updated_at = ? WHERE device = ? AND state < 2"
 SQL_LAST_SEEN = "UPDATE devices SET last_seen = ? WHERE id = ?"
+SQL_BROKER_CREDENTIALS = "SELECT client_id, mqtt_password_pbkdf2 FROM devices WHERE retired_at IS NULL"
 
 
 def _rows(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
@@ -80,3 +81,8 @@ def unsubscribe(conn: sqlite3.Connection, app_id: str, topic: str, devices: list
 
 def mark_seen(conn: sqlite3.Connection, rows: list[tuple[float, int]]) -> None:
     conn.executemany(SQL_LAST_SEEN, rows)
+
+
+def select_broker_credentials(conn: sqlite3.Connection) -> list[tuple[str, str | None]]:
+    """(client id, PBKDF2 password hash or None for devices enrolled before schema 3) of every active device."""
+    return conn.execute(SQL_BROKER_CREDENTIALS).fetchall()

@@ -1,7 +1,8 @@
-"""The embedded broker faces hostile and broken clients: raw MQTT packets on a real socket.
+"""Both broker backends face hostile and broken clients: raw MQTT packets on a real socket.
 
 Where a defect is generic, the same probe also runs against stock amqtt 0.12.1 and must fail there
-(strict xfail): the test proves it detects the defect the hardened broker fixes.
+(strict xfail): the test proves it detects the defect the hardened broker fixes. Where Mosquitto 2.0.11
+behaves differently, the test says how, and docs/broker.md states it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Box, PahoDevice, wait_for
+from tests.conftest import Box, PahoDevice, needs_mosquitto, wait_for
 
 DATA = Path(__file__).parent.parent / "data"
 STOCK = pytest.param("stock-amqtt", marks=pytest.mark.xfail(strict=True, reason="defect of stock amqtt 0.12.1"))
+MOSQUITTO = pytest.param("mosquitto", marks=needs_mosquitto)
+# Mosquitto 2.0.11 checks keepalives about every 5 s: a silent client goes between 1.5 x and 1.5 x + 5 s.
+KEEPALIVE_SLACK_S = {"embedded": 0.0, "mosquitto": 5.5}
 
 
 def _string(s: str | bytes) -> bytes:
@@ -118,12 +122,29 @@ class Target:
         return sock, cid
 
 
-@pytest.fixture(scope="module")
-def hardened_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+def _start_hardened(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Box:
     env = {"INTRAPUSH_BROKER_CONNECT_TIMEOUT_S": "1", "INTRAPUSH_BROKER_MAX_PACKET_BYTES": "4096"}
-    box = Box(tmp_path_factory.mktemp("hard") / "box", env=env).start()
+    return Box(tmp_path_factory.mktemp("hard") / "box", env=env, backend=backend).start()
+
+
+@pytest.fixture(scope="module")
+def embedded_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    box = _start_hardened(tmp_path_factory, "embedded")
     yield box
     box.stop()
+
+
+@pytest.fixture(scope="module")
+def mosquitto_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    box = _start_hardened(tmp_path_factory, "mosquitto")
+    yield box
+    box.stop()
+
+
+@pytest.fixture(params=["embedded", MOSQUITTO])
+def hardened_box(request: pytest.FixtureRequest) -> Box:
+    """The box under attack, on each backend (one daemon per backend for the whole module)."""
+    return request.getfixturevalue(f"{request.param}_box")
 
 
 @pytest.fixture(scope="module")
@@ -136,21 +157,25 @@ def stock_port() -> Iterator[int]:
         proc.wait()
 
 
-@pytest.fixture(params=["intrapush", STOCK])
-def target(request: pytest.FixtureRequest, hardened_box: Box) -> Target:
-    if request.param == "intrapush":
-        return Target("intrapush", hardened_box.mqtt_port, hardened_box)
-    return Target("stock-amqtt", request.getfixturevalue("stock_port"), None)
+@pytest.fixture(params=["embedded", MOSQUITTO, STOCK])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "stock-amqtt":
+        return Target("stock-amqtt", request.getfixturevalue("stock_port"), None)
+    box = request.getfixturevalue(f"{request.param}_box")
+    return Target(request.param, box.mqtt_port, box)
 
 
 def test_silent_client_is_closed_after_keepalive_times_grace(target: Target) -> None:
     sock, _ = target.login("silent", keepalive=1)
     started = time.monotonic()
-    assert closed_within(sock, 4)
-    assert 1.3 <= time.monotonic() - started <= 3.5
+    slack = KEEPALIVE_SLACK_S.get(target.name, 0.0)
+    assert closed_within(sock, 4 + slack)
+    assert 1.3 <= time.monotonic() - started <= 3.5 + slack
 
 
 def test_connection_that_sends_no_connect_is_closed(target: Target) -> None:
+    if target.name == "mosquitto":
+        pytest.xfail("Mosquitto 2.0.11 never closes a connection that sends no CONNECT (docs/broker.md)")
     sock = target.open()
     assert closed_within(sock, 3)
 
@@ -222,15 +247,24 @@ def test_device_reaches_only_its_own_topics(hardened_box: Box) -> None:
     sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
     sock.sendall(connect_packet(a["mqtt"]["client_id"], a["mqtt"]["username"], a["mqtt"]["password"]))
     assert read_packet(sock)[1][1] == 0
+    # Embedded refuses a foreign filter (0x80); Mosquitto 2.0.11 grants it (ACL files do not check
+    # SUBSCRIBE) but its read ACL never delivers a foreign message: checked below with a real push to b.
+    refused = (0x80,) if hardened_box.backend == "embedded" else (0x80, 0x00, 0x01)
     for pid, topic in enumerate((b["inbox_topic"], "#", "push/+/inbox", "$SYS/#"), start=1):
         sock.sendall(subscribe_packet(topic, pid))
         kind, body = read_packet(sock)
-        assert kind == 0x90 and body[2] == 0x80, topic
+        assert kind == 0x90 and body[2] in refused, topic
     # Publishing into b's topics is acknowledged (MQTT 3.1.1 cannot refuse) and dropped.
     sock.sendall(publish_packet(b["inbox_topic"], b'{"id":"forged"}', qos=1, pid=9))
     sock.sendall(publish_packet(b["ack_topic"], b'{"ids":[],"state":"opened"}', qos=1, pid=10))
     assert read_packet(sock)[0] == 0x40 and read_packet(sock)[0] == 0x40
     assert device_b.nothing_within(0.5)
+    with hardened_box.api(app) as api:
+        assert api.post("/v1/messages", json={"to": {"token": b["token"]}, "title": "for b"}).status_code == 202
+    assert device_b.next()["title"] == "for b"
+    sock.settimeout(0.5)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        sock.recv(1)  # a's subscriptions to b's inbox, '#' and 'push/+/inbox' got nothing
     device_b.close()
 
 
@@ -242,10 +276,13 @@ def test_keepalive_timeout_marks_the_device_offline(hardened_box: Box) -> None:
     read_packet(sock)
     with hardened_box.api(app) as api:
         assert api.get(f"/v1/devices/{e['token']}").json()["online"] is True
-        wait_for(lambda: api.get(f"/v1/devices/{e['token']}").json()["online"] is False, timeout=5)
+        wait_for(lambda: api.get(f"/v1/devices/{e['token']}").json()["online"] is False,
+                 timeout=5 + KEEPALIVE_SLACK_S[hardened_box.backend])
 
 
 def test_mqtt5_is_refused_with_unacceptable_protocol_version(hardened_box: Box) -> None:
+    if hardened_box.backend == "mosquitto":
+        pytest.skip("Mosquitto speaks MQTT 5 too; the same ACLs apply (docs/broker.md)")
     sock = socket.create_connection(("127.0.0.1", hardened_box.mqtt_port))
     sock.sendall(connect_packet("x", None, None, level=5))
     kind, body = read_packet(sock)
