@@ -131,6 +131,7 @@ class Daemon:
             from appliance.broker import mosquitto  # noqa: PLC0415 - only this backend needs it
             self.broker = mosquitto.from_config(cfg, specs, dispatcher, self._broker_logins, tls.store)
             accounts.credentials = self.broker  # enroll and revoke add and remove Mosquitto logins
+            tls.on_reloaded = self.broker.reload_tls  # renewal, revocation and CA rotation reach Mosquitto too
         else:
             self.broker = EmbeddedBroker(specs, dispatcher, limits, b.max_connections)
         try:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class TlsManager:
         self._bases: dict[str, ssl.SSLContext] = {}
         self._current: dict[str, ssl.SSLContext] = {}
         self._stamp: tuple[Any, ...] = ()
+        self.on_reloaded: Callable[[], None] | None = None  # a listener outside this process re-reads the files
 
     def ensure(self) -> None:
         """First start: create the CA and a server certificate for the configured names."""
@@ -100,6 +102,8 @@ class TlsManager:
                 return False
         self._stamp = stamp
         log.info("event=tls_reloaded modes=%s", ",".join(self._current))
+        if self.on_reloaded is not None:
+            self.on_reloaded()
         return True
 
     def check_daily(self) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from appliance.broker import topics
-from appliance.broker.mosquitto_child import ADMIN_USER, ChildListener, ChildSettings, MosquittoChild, free_ports
+from appliance.broker.mosquitto_child import (ADMIN_USER, CA_BUNDLE, CRL_BUNDLE, ChildListener, ChildSettings,
+                                            MosquittoChild, TrustSources, free_ports)
 from appliance.broker.mqtt_client import MqttSession, topic_header
 from appliance.errors import StartupError
 
@@ -160,6 +161,8 @@ class MosquittoBroker:
         return {"mqtt-tls" if tls else "mqtt": (host, port)}
 
     def reload_tls(self) -> None:
+        """The box's certificate files changed (renewal, revocation, CA rotation): Mosquitto re-reads them.
+        An external broker manages its own."""
         if self.child is not None:
             self.child.reload()
 
@@ -320,7 +323,10 @@ def child_listeners(specs: list[Any], tls_files: dict[str, str],
         if spec.ssl_context is not None:
             tls = {"certfile": tls_files["certfile"], "keyfile": tls_files["keyfile"]}
             if client_certs.get(spec.name) == "required":
-                tls.update(cafile=tls_files["cafile"], crlfile=tls_files["crlfile"], require_certificate="true")
+                tls.update(cafile=tls_files["cafile"], crlfile=tls_files["crlfile"], require_certificate="true",
+                           # The certificate is the login: its CN (the client id it was issued for) becomes the
+                           # username, hence %u in the ACL, and the client id. Mosquitto then skips the password.
+                           use_identity_as_username="true", use_username_as_clientid="true")
         out.append(ChildListener(spec.name, spec.host, port, tls, auto_port=not spec.port))
     return internal, out
 
@@ -355,14 +361,19 @@ def from_config(cfg: Any, specs: list[Any], gate: DeviceGate,
     if problems:
         raise StartupError("; ".join(problems))
     if not b.url:
+        directory = cfg.data_dir / "mosquitto"
         files = {"certfile": str(cert_store.server_pem), "keyfile": str(cert_store.server_key),
-                 "cafile": str(cert_store.ca_pem), "crlfile": str(cert_store.crl_pem)}
-        internal, listeners = child_listeners(tcp, files, {spec.name: spec.client_cert for spec in tcp})
-        child = ChildSettings(directory=cfg.data_dir / "mosquitto", listeners=listeners,
+                 "cafile": str(directory / CA_BUNDLE), "crlfile": str(directory / CRL_BUNDLE)}
+        client_certs = {spec.name: spec.client_cert for spec in tcp}
+        internal, listeners = child_listeners(tcp, files, client_certs)
+        # During a CA rotation the previous CA's device certificates stay trusted, as on the embedded backend.
+        trust = TrustSources((cert_store.ca_pem, cert_store.previous_ca.cert),
+                             (cert_store.crl_pem, cert_store.previous_ca.crl))
+        child = ChildSettings(directory=directory, listeners=listeners,
                               max_packet_bytes=b.max_packet_bytes, max_keepalive_s=b.max_keepalive_s,
                               max_queued_bytes=b.max_write_buffer_bytes, max_connections=b.max_connections,
-                              binary=b.mosquitto_bin, plugin=b.mosquitto_plugin,
-                              internal_port=internal)
+                              binary=b.mosquitto_bin, plugin=b.mosquitto_plugin, internal_port=internal,
+                              trust=trust if "required" in client_certs.values() else None)
     return MosquittoBroker(MosquittoSettings(child, b.url, b.max_keepalive_s), gate, load_devices)
 
 
