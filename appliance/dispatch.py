@@ -11,6 +11,8 @@ import asyncio
 import json
 import logging
 import os
+import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,13 +47,20 @@ class Store(Protocol):
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
 
+_ID_BITS = random.Random(os.urandom(32)).getrandbits  # seeded once from the kernel: no system call per push
+# One encoder for every push: json.dumps() with non-default options builds a new encoder at each call.
+_ENCODE_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_IS_MESSAGE_ID = re.compile(r"m[0-9a-f]{28}\Z").match
+
+
 def new_message_id(now: float) -> str:
-    """Time-ordered, random: `m` + 12 hex digits of milliseconds + 16 random hex digits."""
-    return f"m{int(now * 1000):012x}{os.urandom(8).hex()}"
+    """Time-ordered, unique: `m` + 12 hex digits of milliseconds + 16 random hex digits. Not a secret (every
+    read needs the app's key), so a seeded generator serves."""
+    return f"m{int(now * 1000):012x}{_ID_BITS(64):016x}"
 
 
 def is_message_id(value: str) -> bool:
-    return len(value) == 29 and value[0] == "m" and all(c in "0123456789abcdef" for c in value[1:])
+    return _IS_MESSAGE_ID(value) is not None
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +98,7 @@ class Dispatcher:
         self.clock = clock
         self.online: dict[int, Online] = {}
         self._delivered: list[tuple[float, int, int]] = []
+        self._delivered_held: list[tuple[float, int, int]] = []  # sent in the previous flush window, not acked
         self._acks_by_seq: list[tuple[int, float, int, int, str, int]] = []
         self._acks_by_id: list[tuple[int, float, str, int, int]] = []
         self._seen: dict[int, float] = {}
@@ -162,7 +172,7 @@ class Dispatcher:
             "sent_at": round(now, 3),
             "expires_at": round(expires_at, 3),
         }
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        text = _ENCODE_COMPACT(payload)
         message = {
             "id": mid, "app_id": app_id, "created_at": now, "expires_at": expires_at, "payload": text,
             "collapse_key": item.get("collapse_key"), "target": json.dumps(target_doc), "targeted": len(targets),
@@ -187,10 +197,13 @@ class Dispatcher:
         self.counters["accepted"] += len(accepted)
         if self.on_fallback_queued is not None and any(acc.fallback_channels for acc in accepted):
             self.on_fallback_queued()
+        if log.isEnabledFor(logging.INFO):  # one line per request: a 500-push batch is not 500 lines
+            first = accepted[0].message
+            log.info("event=accepted id=%s app=%s pushes=%d targeted=%d", first["id"], first["app_id"], len(accepted),
+                     sum(len(deliveries) for _, deliveries in plan))
+        online = self.online
         for acc, deliveries in plan:
             mid, body = acc.message["id"], acc.body
-            log.info("event=accepted id=%s app=%s targeted=%d", mid, acc.message["app_id"], len(deliveries))
-            online = self.online
             for device_id, seq in deliveries:
                 entry = online.get(device_id)
                 if entry is not None:
@@ -281,19 +294,29 @@ class Dispatcher:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(0.02, self.flush_marks)
 
-    def flush_marks(self) -> None:
-        """Queue delivered marks, acks and last-seen times as one write (group-committed, not awaited)."""
+    def flush_marks(self, final: bool = False) -> None:
+        """Queue delivered marks, acks and last-seen times as one write (group-committed, not awaited).
+
+        A delivered mark waits one more flush window: a device acks within milliseconds, and its ack
+        supersedes the mark, so most pushes cost one UPDATE, not two. (A mark lost in a crash only leaves
+        the row `queued`, which redelivers it: the store stays on the safe side.)"""
         self._flush_handle = None
-        delivered, self._delivered = self._delivered, []
+        fresh, self._delivered = self._delivered, []
+        held, self._delivered_held = self._delivered_held, []
         by_seq, self._acks_by_seq = self._acks_by_seq, []
         by_id, self._acks_by_id = self._acks_by_id, []
         seen, self._seen = self._seen, {}
-        if by_seq and delivered:
-            # An ack in the same flush supersedes the delivered mark: one UPDATE per push, not two.
+        if by_seq:
             acked = {(row[2], row[3]) for row in by_seq}
-            delivered = [row for row in delivered if (row[1], row[2]) not in acked]
-        if delivered or by_seq or by_id or seen:
-            self.store.write_later(_write_marks, delivered, by_seq, by_id, [(t, d) for d, t in seen.items()])
+            held = [row for row in held if (row[1], row[2]) not in acked]
+            fresh = [row for row in fresh if (row[1], row[2]) not in acked]
+        if final:
+            held, fresh = held + fresh, []
+        if held or by_seq or by_id or seen:
+            self.store.write_later(_write_marks, held, by_seq, by_id, [(t, d) for d, t in seen.items()])
+        if fresh:
+            self._delivered_held = fresh
+            self._schedule_flush()
 
     def drop_device(self, device: Device, reason: str) -> None:
         """Close a revoked or re-enrolled device's connection."""
@@ -327,7 +350,7 @@ class Dispatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        self.flush_marks()
+        self.flush_marks(final=True)
 
 
 def _write_marks(conn: Any, delivered: list[tuple[float, int, int]], by_seq: list[Any], by_id: list[Any],

@@ -80,6 +80,14 @@ class NewPush:
 
 def insert_pushes(conn: sqlite3.Connection, pushes: list[NewPush]) -> None:
     """Persist a request's pushes; a collapse key first retires the older pending pushes it replaces."""
+    if not any(push.message["collapse_key"] is not None or push.fallback_channels for push in pushes):
+        # The common batch: one statement of each kind for all of it (a device's seqs ascend in list order).
+        conn.executemany(SQL_INSERT_MESSAGE, [push.message for push in pushes])
+        conn.executemany(SQL_INSERT_DELIVERY, [
+            (device, seq, push.message["id"], push.message["expires_at"], None, push.message["created_at"])
+            for push in pushes for device, seq in push.deliveries])
+        conn.executemany(SQL_SET_LAST_SEQ, [(seq, device) for push in pushes for device, seq in push.deliveries])
+        return
     for push in pushes:
         msg = push.message
         now, ck, mid, exp = msg["created_at"], msg["collapse_key"], msg["id"], msg["expires_at"]
