@@ -39,13 +39,13 @@ from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
 from appliance.broker import topics
+from appliance.broker.backlog import ACCEPT_BACKLOG
 
 log = logging.getLogger("appliance.broker")
 
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
 PINGRESP = b"\xd0\x00"
-ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _PACK_H = struct.Struct("!H").pack
 _UNPACK_H = struct.Struct("!H").unpack_from
 

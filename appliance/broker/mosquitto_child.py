@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.broker.backlog import ACCEPT_BACKLOG, try_deepen_backlog
+
 log = logging.getLogger("appliance.broker")
 
 DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
@@ -292,6 +294,7 @@ class MosquittoChild:
                     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
                     _, writer = await asyncio.open_connection(connect_host, port)
                     writer.transport.abort()
+                try_deepen_backlog(self.proc.pid, [li.port for li in self.settings.listeners], ACCEPT_BACKLOG)
                 return
             except OSError:
                 await asyncio.sleep(0.02)
