@@ -35,6 +35,7 @@ from loadgen import Fleet, relay_rate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results.jsonl"
 CLK = os.sysconf("SC_CLK_TCK")
+SCENARIOS = ("batch", "single", "latency", "broadcast", "storm", "crash")
 
 
 # -- the daemon under test --------------------------------------------------------------------------
@@ -137,6 +138,8 @@ def record(result: dict[str, Any]) -> None:
     result = {**result, "machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(result), flush=True)
+    if os.environ.get("BENCH_NO_RECORD"):
+        return
     with RESULTS.open("a") as f:
         f.write(json.dumps(result) + "\n")
 
@@ -234,13 +237,15 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 picked = rnd.sample(tokens, min(500, len(tokens)))
                 batches.append({"messages": [{"to": {"token": tok}, "title": "bench", "body": "x" * 60}
                                              for tok in picked[:min(500, args.pushes - start)]]})
-            await unicast("unicast_batch500", batches, 4, args.pushes)
+            if "batch" in args.only:
+                await unicast("unicast_batch500", batches, 4, args.pushes)
             singles = [{"to": {"token": rnd.choice(tokens)}, "title": "bench", "body": "x" * 60}
                        for _ in range(args.single)]
-            await unicast("unicast_single", singles, 32, args.single)
+            if "single" in args.only:
+                await unicast("unicast_single", singles, 32, args.single)
 
             # latency: paced single requests; the push carries the call time, the device subtracts it
-            for rate in args.rates:
+            for rate in args.rates if "latency" in args.only else []:
                 stats = fleet.stats
                 stats.latencies = []
                 stats.record_latency = True
@@ -269,44 +274,48 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                         "p50_ms": round(lat[len(lat) // 2] * 1000, 2), "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 2),
                         "max_ms": round(lat[-1] * 1000, 2), "box_cpu_pct": round((d.cpu_s() - cpu) / (time.perf_counter() - t0) * 100)})
 
-            # broadcast: one push to every device of the app
             n = len(enrollments)
-            acks0 = await metric(session, d.url, "intrapush_acks_total")
-            received0 = fleet.stats.received
-            t = time.perf_counter()
-            await post({"to": {"all": True}, "title": "everyone"})
-            accepted_s = time.perf_counter() - t
-            await asyncio.wait_for(fleet.stats.wait_received(received0 + n), 120)
-            delivered_s = time.perf_counter() - t
-            await wait_metric(session, d.url, "intrapush_acks_total", acks0 + n, 120)
-            record({**base, "scenario": "broadcast", "accepted_s": round(accepted_s, 3),
-                    "all_delivered_s": round(delivered_s, 3), "all_acked_s": round(time.perf_counter() - t, 3)})
+            if "broadcast" in args.only:
+                # broadcast: one push to every device of the app
+                acks0 = await metric(session, d.url, "intrapush_acks_total")
+                received0 = fleet.stats.received
+                t = time.perf_counter()
+                await post({"to": {"all": True}, "title": "everyone"})
+                accepted_s = time.perf_counter() - t
+                await asyncio.wait_for(fleet.stats.wait_received(received0 + n), 120)
+                delivered_s = time.perf_counter() - t
+                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + n, 120)
+                record({**base, "scenario": "broadcast", "accepted_s": round(accepted_s, 3),
+                        "all_delivered_s": round(delivered_s, 3), "all_acked_s": round(time.perf_counter() - t, 3)})
 
-            # reconnect storm: everyone drops, 10 pushes each wait in the store, everyone comes back at once
-            fleet.drop_all()
-            await asyncio.sleep(0.5)
-            t = time.perf_counter()
-            while await metric(session, d.url, "intrapush_devices_online") > 0:
-                if time.perf_counter() - t > 120:
-                    raise TimeoutError("devices still online 120 s after dropping them")
-                await asyncio.sleep(0.05)
-            for i in range(10):
-                await post({"to": {"all": True}, "title": f"while away {i}"})
-            acks0 = await metric(session, d.url, "intrapush_acks_total")
-            received0 = fleet.stats.received
-            lost0 = fleet.stats.lost
-            t = time.perf_counter()
-            connect_s = await fleet.connect(args.storm_concurrency)
-            await asyncio.wait_for(fleet.stats.wait_received(received0 + 10 * n), 300)
-            caught_up_s = time.perf_counter() - t
-            await wait_metric(session, d.url, "intrapush_acks_total", acks0 + 10 * n, 300)
-            record({**base, "scenario": "reconnect_storm", "pending_each": 10, "all_connected_s": round(connect_s, 2),
-                    "all_caught_up_s": round(caught_up_s, 2), "all_acked_s": round(time.perf_counter() - t, 2),
-                    "drops_during": fleet.stats.lost - lost0})
-            fleet.drop_all()
+            if "storm" in args.only:
+                # reconnect storm: everyone drops, 10 pushes each wait in the store, everyone comes back at once
+                fleet.drop_all()
+                await asyncio.sleep(0.5)
+                t = time.perf_counter()
+                while await metric(session, d.url, "intrapush_devices_online") > 0:
+                    if time.perf_counter() - t > 120:
+                        raise TimeoutError("devices still online 120 s after dropping them")
+                    await asyncio.sleep(0.05)
+                for i in range(10):
+                    await post({"to": {"all": True}, "title": f"while away {i}"})
+                acks0 = await metric(session, d.url, "intrapush_acks_total")
+                received0 = fleet.stats.received
+                lost0 = fleet.stats.lost
+                print("storm: every device reconnects now", flush=True)
+                t = time.perf_counter()
+                connect_s = await fleet.connect(args.storm_concurrency)
+                await asyncio.wait_for(fleet.stats.wait_received(received0 + 10 * n), 300)
+                caught_up_s = time.perf_counter() - t
+                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + 10 * n, 300)
+                record({**base, "scenario": "reconnect_storm", "pending_each": 10, "all_connected_s": round(connect_s, 2),
+                        "all_caught_up_s": round(caught_up_s, 2), "all_acked_s": round(time.perf_counter() - t, 2),
+                        "drops_during": fleet.stats.lost - lost0})
+                fleet.drop_all()
     finally:
         d.stop()
-    await crash(backend, args, data, app, enrollments[:args.crash_devices])
+    if "crash" in args.only:
+        await crash(backend, args, data, app, enrollments[:args.crash_devices])
 
 
 async def crash(backend: str, args: argparse.Namespace, data: Path, app: dict[str, str],
@@ -427,6 +436,8 @@ if __name__ == "__main__":
     p.add_argument("--crash-after-s", type=float, default=3)
     p.add_argument("--relay-messages", type=int, default=100000)
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--only", default=",".join(SCENARIOS), type=lambda s: s.split(","),
+                   help="scenarios after hold, comma-separated: " + ",".join(SCENARIOS))
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     args = p.parse_args()
     try:
