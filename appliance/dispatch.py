@@ -112,7 +112,8 @@ class Dispatcher:
         return self.directory.authenticate_device(client_id, username, password)
 
     def identify(self, client_id: str) -> Device | None:
-        """The device behind a client id, for a broker that checked the password itself (Mosquitto)."""
+        """The device behind a client id, for a broker that authenticated it itself (Mosquitto: the
+        password, or on a mutual-TLS listener the certificate's CN)."""
         return self.directory.by_client.get(client_id)
 
     def handle_connected(self, link: Link) -> None:

@@ -78,7 +78,8 @@ class TlsManager:
 
     def _file_stamp(self) -> tuple[Any, ...]:
         stamp = []
-        for path in (self.store.server_pem, self.store.server_key, self.store.crl_pem, self.store.ca_pem):
+        for path in (self.store.server_pem, self.store.server_key, self.store.crl_pem, self.store.ca_pem,
+                     self.store.previous_ca.crl):  # a revocation under the previous CA during a rotation
             try:
                 st = path.stat()
                 stamp.append((st.st_mtime_ns, st.st_size))
