@@ -267,13 +267,26 @@ class MosquittoChild:
 
         def relay() -> None:  # a thread, so a busy event loop never blocks Mosquitto on a full pipe
             assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip()
-                text = line.split(": ", 1)[-1]
-                if text.startswith(("Error", "Warning")) and "should not be run as root" not in text:
-                    log.warning("event=mosquitto_log pid=%d line=%r", proc.pid, text[:300])
-                elif log.isEnabledFor(logging.DEBUG):
-                    log.debug("event=mosquitto_log pid=%d line=%r", proc.pid, text[:300])
+            fd, rest = proc.stderr.fileno(), b""
+            # A reconnect storm writes three lines per device: read in large chunks and look at a line only
+            # when the chunk holds an error or a warning (or at debug level), to leave the GIL to the loop.
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                rest += chunk or b"\n"  # at the end, a last line without its newline
+                lines, _, rest = rest.rpartition(b"\n")
+                if not chunk and not lines.strip():
+                    break
+                debug = log.isEnabledFor(logging.DEBUG)
+                if not debug and b": Error" not in lines and b": Warning" not in lines:
+                    continue
+                for raw in lines.split(b"\n"):
+                    text = raw.decode("utf-8", "replace").rstrip().split(": ", 1)[-1]
+                    if text.startswith(("Error", "Warning")) and "should not be run as root" not in text:
+                        log.warning("event=mosquitto_log pid=%d line=%r", proc.pid, text[:300])
+                    elif debug:
+                        log.debug("event=mosquitto_log pid=%d line=%r", proc.pid, text[:300])
+                if not chunk:
+                    break
             proc.wait()
             with contextlib.suppress(RuntimeError):  # loop closed at shutdown
                 loop.call_soon_threadsafe(exited.set)

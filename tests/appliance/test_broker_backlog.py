@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -55,3 +56,20 @@ def test_the_mosquitto_backend_listens_with_a_deep_backlog(tmp_path: Path) -> No
         assert "event=backlog_deepened" in box.log_path.read_text()
     finally:
         box.stop()
+
+
+@needs_mosquitto
+def test_mosquitto_s_own_error_reaches_the_log_when_it_cannot_start(tmp_path: Path) -> None:
+    """The child's stderr is relayed: a taken port is reported in Mosquitto's words, and the box exits."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        box = Box(tmp_path / "box", env={"INTRAPUSH_BROKER_LISTEN": f"127.0.0.1:{port}"}, backend="mosquitto")
+        with pytest.raises(RuntimeError, match="exited"):
+            box.start()
+        log = box.log()
+        assert "event=mosquitto_log" in log and "Address already in use" in log
+    finally:
+        taken.close()
