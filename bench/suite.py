@@ -83,13 +83,18 @@ class Daemon:
         return pids
 
     def cpu_s(self) -> float:
-        total = 0.0
-        for pid in self.pids():
-            with_suppress = Path(f"/proc/{pid}/stat")
-            if with_suppress.exists():
-                f = with_suppress.read_text().rsplit(")", 1)[1].split()
-                total += (int(f[11]) + int(f[12])) / CLK
-        return total
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of the daemon and of each child (Mosquitto), by process name."""
+        out: dict[str, float] = {}
+        for n, pid in enumerate(self.pids()):
+            stat = Path(f"/proc/{pid}/stat")
+            if stat.exists():
+                name, f = stat.read_text().split(" (", 1)[1].split(")", 1)[0], stat.read_text().rsplit(")", 1)[1].split()
+                key = "intrapush" if n == 0 else name
+                out[key] = out.get(key, 0.0) + (int(f[11]) + int(f[12])) / CLK
+        return out
 
     def rss_kib(self) -> dict[str, int]:
         out = {}
@@ -213,7 +218,8 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 sem = asyncio.Semaphore(concurrency)
                 acks0 = await metric(session, d.url, "intrapush_acks_total")
                 received0 = fleet.stats.received
-                cpu = d.cpu_s()
+                cpu = d.cpu_by_process()
+                own_cpu = time.process_time()
 
                 async def one(body: dict[str, Any]) -> None:
                     async with sem:
@@ -229,7 +235,10 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 record({**base, "scenario": label, "pushes": pushes,
                         "accepted_per_s": round(pushes / accepted_s), "delivered_per_s": round(pushes / delivered_s),
                         "acked_per_s": round(pushes / acked_s),
-                        "box_cpu_us_per_push": round((d.cpu_s() - cpu) / pushes * 1e6)})
+                        "box_cpu_us_per_push": round((d.cpu_s() - sum(cpu.values())) / pushes * 1e6),
+                        "cpu_us_per_push": {**{k: round((v - cpu.get(k, 0.0)) / pushes * 1e6)
+                                               for k, v in d.cpu_by_process().items()},
+                                            "loadgen": round((time.process_time() - own_cpu) / pushes * 1e6)}})
 
             rnd = random.Random(5)
             batches = []

@@ -5,9 +5,13 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+# A device's last seq is the highest seq of its inbox rows: pushes do not rewrite its devices row (one random
+# page less per push); devices.last_seq keeps the highest seq of rows already purged (messages.purge).
+LAST_SEQ = ("max(last_seq, coalesce((SELECT max(seq) FROM deliveries WHERE deliveries.device = devices.id), 0)) "
+            "AS last_seq")
 DEVICE_COLUMNS = (
     "id, app_id, token, client_id, mqtt_password_hash, platform, package, device_id, alias, phone, email, "
-    "created_at, retired_at, retired_reason, last_seq, dropped_through, last_seen"
+    f"created_at, retired_at, retired_reason, {LAST_SEQ}, dropped_through, last_seen"
 )
 SQL_INSERT_DEVICE = """
 INSERT INTO devices (app_id, token, client_id, mqtt_password_hash, mqtt_password_pbkdf2, platform, package,

@@ -22,7 +22,10 @@ SQL_INSERT_DELIVERY = """
 INSERT INTO deliveries (device, seq, message_id, state, expires_at, collapse_key, updated_at)
 VALUES (?, ?, ?, 0, ?, ?, ?)
 """
-SQL_SET_LAST_SEQ = "UPDATE devices SET last_seq = ? WHERE id = ?"
+SQL_KEEP_LAST_SEQ = """
+UPDATE devices SET last_seq = (SELECT max(seq) FROM deliveries WHERE device = devices.id)
+WHERE last_seq < coalesce((SELECT max(seq) FROM deliveries WHERE device = devices.id), 0)
+"""
 SQL_REPLACE_COLLAPSED = """
 UPDATE deliveries SET state = 5, updated_at = ?
 WHERE collapse_key = ? AND device = ? AND state < 2 AND collapse_key IS NOT NULL
@@ -86,7 +89,6 @@ def insert_pushes(conn: sqlite3.Connection, pushes: list[NewPush]) -> None:
         conn.executemany(SQL_INSERT_DELIVERY, [
             (device, seq, push.message["id"], push.message["expires_at"], None, push.message["created_at"])
             for push in pushes for device, seq in push.deliveries])
-        conn.executemany(SQL_SET_LAST_SEQ, [(seq, device) for push in pushes for device, seq in push.deliveries])
         return
     for push in pushes:
         msg = push.message
@@ -95,7 +97,6 @@ def insert_pushes(conn: sqlite3.Connection, pushes: list[NewPush]) -> None:
             conn.executemany(SQL_REPLACE_COLLAPSED, [(now, ck, device) for device, _ in push.deliveries])
         conn.execute(SQL_INSERT_MESSAGE, msg)
         conn.executemany(SQL_INSERT_DELIVERY, [(device, seq, mid, exp, ck, now) for device, seq in push.deliveries])
-        conn.executemany(SQL_SET_LAST_SEQ, [(seq, device) for device, seq in push.deliveries])
         if push.fallback_channels:
             escalations.insert(conn, [(mid, device, channel, push.fallback_due, now)
                                       for device, _ in push.deliveries for channel in push.fallback_channels])
@@ -139,7 +140,9 @@ def sweep(conn: sqlite3.Connection, now: float, inbox_limit: int) -> tuple[int, 
 
 
 def purge(conn: sqlite3.Connection, before: float) -> int:
-    """Delete finished inbox rows and messages older than the retention cutoff."""
+    """Delete finished inbox rows and messages older than the retention cutoff. Each device's highest seq
+    is kept in its devices row first: a device's seqs never go back, even when its inbox is empty."""
+    conn.execute(SQL_KEEP_LAST_SEQ)
     n = conn.execute(SQL_PURGE_DELIVERIES, (before,)).rowcount
     conn.execute(SQL_PURGE_MESSAGES, (before,))
     return n
