@@ -247,7 +247,7 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 batches.append({"messages": [{"to": {"token": tok}, "title": "bench", "body": "x" * 60}
                                              for tok in picked[:min(500, args.pushes - start)]]})
             if "batch" in args.only:
-                await unicast("unicast_batch500", batches, 4, args.pushes)
+                await unicast("unicast_batch500", batches, args.batch_concurrency, args.pushes)
             singles = [{"to": {"token": rnd.choice(tokens)}, "title": "bench", "body": "x" * 60}
                        for _ in range(args.single)]
             if "single" in args.only:
@@ -406,10 +406,10 @@ async def baselines(work: Path, messages: int) -> None:
 
 def table() -> None:
     """Markdown: the latest figures of each scenario and backend."""
-    latest: dict[tuple[str, str, Any], dict[str, Any]] = {}
+    latest: dict[tuple[str, str, Any, Any], dict[str, Any]] = {}
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
-        latest[(r["scenario"], r.get("backend", "-"), r.get("rate"))] = r
+        latest[(r["scenario"], r.get("backend", "-"), r.get("devices"), r.get("rate"))] = r
     for key in sorted(latest, key=str):
         print(key, {k: v for k, v in latest[key].items() if k not in ("scenario", "backend", "python", "cpus")})
 
@@ -436,6 +436,7 @@ if __name__ == "__main__":
     p.add_argument("--devices", type=int, default=10000)
     p.add_argument("--hold-s", type=float, default=60)
     p.add_argument("--pushes", type=int, default=30000, help="unicast pushes in 500-message batches")
+    p.add_argument("--batch-concurrency", type=int, default=4, help="batch requests in flight")
     p.add_argument("--single", type=int, default=3000, help="unicast pushes as single requests")
     p.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[200, 1000, 2000])
     p.add_argument("--latency-s", type=float, default=5)
