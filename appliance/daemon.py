@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from appliance.tls import TlsManager, TlsSettings, default_names
 from certs import CertError, CertStore
 from fallback.base import Notice
 
+GC_THRESHOLDS = (50_000, 20, 100)
 log = logging.getLogger("appliance.daemon")
 RUN_FILE = "run.json"
 PURGE_EVERY_S = 3600.0
@@ -196,6 +198,12 @@ class Daemon:
                 log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
                             "no TLS on this listener: use it only on a trusted network")
         log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
+        # What start-up built (directory, TLS contexts, broker) lives as long as the daemon: keep it out of
+        # the collector's full scans, and let young objects (a push's dicts) die before a collection sees
+        # them. Unchanged, a full collection came every ~0.4 s under load, took 40-75 ms at 10,000
+        # devices, found nothing to free, and held every push meanwhile.
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
 
     async def _broker_logins(self) -> list[tuple[str, str | None]]:
         """Every active device's MQTT login, for a broker that holds them itself (Mosquitto)."""

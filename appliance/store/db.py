@@ -121,6 +121,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+CHECKPOINT_EVERY_S = 1.0
+WAL_LIMIT_BYTES = 1 << 30
 SQL_CREATE_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
 
@@ -193,6 +195,9 @@ class Store:
         self._lock = threading.Lock()
         self.commits = 0
         self.committed_writes = 0
+        self.checkpoints = 0
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = _connect(path, synchronous)
@@ -202,8 +207,13 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        # Checkpoints move to their own thread: run by the writer after a commit (SQLite's auto-checkpoint),
+        # one could hold every pending commit, and so every push, for 50-100 ms.
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._thread = threading.Thread(target=self._run_writer, name="store-writer", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(target=self._run_checkpointer, name="store-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def close(self) -> None:
         """Finish every queued write, then close all connections."""
@@ -211,6 +221,11 @@ class Store:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+            self._stop_checkpoints.set()
+            if self._checkpointer is not None:
+                self._checkpointer.join()
+            self._conn.execute("PRAGMA wal_autocheckpoint=1000")
+            self._checkpoint(self._conn, "TRUNCATE")
         self._readers.shutdown(wait=True)
         with self._lock:
             for conn in self._reader_conns:
@@ -296,6 +311,30 @@ class Store:
                     job.loop.call_soon_threadsafe(_settle, job.future, result, error)
                 except RuntimeError:  # loop already closed: nobody is waiting any more
                     pass
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _run_checkpointer(self) -> None:
+        """Copy committed pages from the WAL into the database file beside the writer, never holding it up
+        (PASSIVE); only a WAL grown past WAL_LIMIT_BYTES under sustained load makes the writer wait once
+        (RESTART), so that the file stays bounded."""
+        conn = _connect(self.path, self.synchronous)
+        wal = Path(f"{self.path}-wal")
+        try:
+            while not self._stop_checkpoints.wait(CHECKPOINT_EVERY_S):
+                try:
+                    big = wal.stat().st_size > WAL_LIMIT_BYTES
+                except FileNotFoundError:
+                    big = False
+                self._checkpoint(conn, "RESTART" if big else "PASSIVE")
+        finally:
+            conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+        try:
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            self.checkpoints += 1
+        except sqlite3.Error as exc:  # the next round tries again; the WAL keeps every commit meanwhile
+            log.warning("event=checkpoint_failed mode=%s error=%r", mode, str(exc))
 
     # -- reads -----------------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:

@@ -1,7 +1,10 @@
-"""A device's seqs only ever go up, also once its finished inbox rows are purged (real SQLite store)."""
+"""The store on a real SQLite file: seqs that never go back, checkpoints beside the writer."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -42,5 +45,33 @@ def test_last_seq_survives_the_purge_of_every_inbox_row(tmp_path: Path) -> None:
         assert _last_seq(store, device) == 3  # kept in the devices row
         store.write_now(sql_messages.insert_pushes, [_push(f"m{4:028x}", device, 4, now)])
         assert _last_seq(store, device) == 4
+    finally:
+        store.close()
+
+
+def test_checkpoints_run_beside_the_writer_and_close_empties_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = Store(path)
+    now = time.time()
+
+    async def writes() -> None:
+        for n in range(50):
+            await store.write(sql_apps.insert_app, {"id": f"app_{n}", "name": f"a{n}", "api_key_hash": "k",
+                                                    "enrollment_secret_hash": "s", "created_at": now})
+
+    store.start()
+    try:
+        asyncio.run(writes())
+        deadline = time.monotonic() + 5
+        while store.checkpoints < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.checkpoints >= 2  # the checkpoint thread runs on its own
+        # The database file alone, without its WAL, already holds every committed row.
+        shutil.copy(path, tmp_path / "copy.sqlite")
+        conn = sqlite3.connect(tmp_path / "copy.sqlite")
+        try:
+            assert conn.execute("SELECT count(*) FROM apps").fetchone()[0] == 50
+        finally:
+            conn.close()
     finally:
         store.close()
