@@ -10,11 +10,9 @@ certificates `mosquitto/ca-bundle.pem` and `mosquitto/crl-bundle.pem`, rewritten
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ctypes
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.broker.backlog import ACCEPT_BACKLOG, try_deepen_backlog
+from appliance.directory import hash_secret_pbkdf2
 
 log = logging.getLogger("appliance.broker")
 
@@ -126,16 +125,10 @@ def dynsec_client(username: str, pbkdf2: str, clientid: str | None = None) -> di
     return entry
 
 
-def admin_pbkdf2(password: str) -> str:
-    salt = os.urandom(12)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
-    return f"pbkdf2-sha512$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
 def render_dynsec(admin_password: str, devices: list[tuple[str, str | None]]) -> tuple[str, int]:
     """The dynamic-security file: our admin client and every device that has a PBKDF2 hash. Returns the
     JSON and how many devices had none (enrolled before schema 3: they must enroll again)."""
-    clients = [dynsec_client(ADMIN_USER, admin_pbkdf2(admin_password))]
+    clients = [dynsec_client(ADMIN_USER, hash_secret_pbkdf2(admin_password))]
     missing = 0
     for client_id, pbkdf2 in devices:
         if pbkdf2:
