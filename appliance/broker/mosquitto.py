@@ -2,7 +2,8 @@
 `broker.url`), and intrapush joins it as one privileged MQTT client.
 
 Behind the same seam as the embedded broker: the dispatcher is the DeviceGate, and each online device is
-a VirtualLink whose send_push() publishes to `push/<client id>/inbox` at QoS 1 over our own connection.
+a VirtualLink whose send_push() publishes to `push/<client id>/inbox` at QoS 1 over one of our
+connections (always the same one for a device).
   - logins: Mosquitto's dynamic-security plugin; devices are written into its file from the store at every
     start and added/removed at run time over `$CONTROL/dynamic-security/v1` (deleteClient also kicks);
   - topic ACL: `pattern` lines (a device reads its inbox, writes its hello/ack/status), see mosquitto_child;
@@ -39,12 +40,21 @@ LOG_PREFIX = "$SYS/broker/log/"
 SUBSCRIPTIONS = [("push/+/hello", 1), ("push/+/ack", 1), ("push/+/status", 1), (LOG_PREFIX + "#", 1),
                  (CONTROL_RESPONSE, 1)]
 CONTROL_TIMEOUT_S = 15.0
+PUBLISH_LANES = 16  # connections that carry pushes (the first also carries everything else); docs/broker.md
 _CONNECTED = re.compile(r"New client connected from (\S+) as (\S+) \(p\d+, c\d+, k(\d+)")
 # "Client X disconnected." / "closed its connection." / "has exceeded timeout, disconnecting." /
 # "disconnected due to protocol error." / "disconnected, not authorised." / "already connected, closing old
 # connection." (the old connection of a takeover), as Mosquitto 2.0.11 prints them.
 _GONE = ("disconnected", "closed its connection", "has exceeded timeout", "already connected")
 _HARMLESS_ERRORS = {"createClient": "Client already exists", "deleteClient": "Client not found"}
+
+
+def _ignore_message(_topic: str, _payload: bytes, _retain: bool) -> None:
+    return None  # publish-only connections subscribe to nothing
+
+
+def _ignore_connected(_session_present: bool) -> None:
+    return None
 
 
 class DeviceGate(Protocol):
@@ -59,7 +69,7 @@ class DeviceGate(Protocol):
 class VirtualLink:
     """One device connected to Mosquitto, as the dispatcher sees it."""
 
-    __slots__ = ("client_id", "principal", "peer", "closed", "subscribed", "close_reason", "_broker", "_topic")
+    __slots__ = ("client_id", "principal", "peer", "closed", "subscribed", "close_reason", "_broker", "_topic", "_lane")
 
     def __init__(self, broker: MosquittoBroker, client_id: str, principal: Any, peer: str) -> None:
         self.client_id = client_id
@@ -70,12 +80,13 @@ class VirtualLink:
         self.close_reason = ""
         self._broker = broker
         self._topic = topic_header(topics.inbox_topic(client_id))
+        self._lane = broker.lane_for(client_id)  # one device's pushes always take the same connection: in order
 
     def send_push(self, payload: bytes) -> bool:
         """Publish one QoS 1 push to the device's inbox; False when the link is gone."""
         if self.closed:
             return False
-        return self._broker.session.publish(self._topic, payload)
+        return self._lane.publish(self._topic, payload)
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Forget the link. A revoked or re-enrolled device is disconnected by Mosquitto itself when its
@@ -102,7 +113,8 @@ def parse_url(url: str) -> tuple[str, int, str, str, bool]:
 
 
 class MosquittoBroker:
-    """Presence, device messages and device logins through one privileged connection to Mosquitto."""
+    """Presence, device messages and device logins through one privileged session to Mosquitto, and pushes
+    over it and PUBLISH_LANES - 1 publish-only connections."""
 
     def __init__(self, settings: MosquittoSettings, gate: DeviceGate,
                  load_devices: Callable[[], Awaitable[list[tuple[str, str | None]]]]) -> None:
@@ -115,6 +127,7 @@ class MosquittoBroker:
         self._corr = itertools.count(1)
         self.child = MosquittoChild(settings.child, load_devices, self._child_started) if settings.child else None
         self.session: MqttSession = None  # type: ignore[assignment]  # built in start()
+        self.lanes: list[MqttSession] = []  # session first, then publish-only connections (PUBLISH_LANES)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,7 +137,7 @@ class MosquittoBroker:
             host, port, user, password, tls = parse_url(self.settings.url)
             self._open_session(host, port, user, password, ssl.create_default_context() if tls else None)
         try:
-            await asyncio.wait_for(self.session.connected.wait(), 10)
+            await asyncio.wait_for(asyncio.gather(*(lane.connected.wait() for lane in self.lanes)), 10)
         except asyncio.TimeoutError:
             raise RuntimeError(f"cannot log in to the broker at {self.session.host}:{self.session.port} "
                                "as intrapush's privileged client") from None
@@ -133,21 +146,32 @@ class MosquittoBroker:
         self.session = MqttSession(host, port, "intrapush-box", user, password, on_message=self._on_message,
                                    on_connected=self._on_connected, on_lost=self._on_lost,
                                    subscriptions=SUBSCRIPTIONS, ssl_context=ctx)
-        self.session.start()
+        # Mosquitto reads one packet per socket per turn of its loop: pushes spread over a few connections
+        # reach it several per turn.
+        self.lanes = [self.session] + [
+            MqttSession(host, port, f"intrapush-box-{n}", user, password, on_message=_ignore_message,
+                        on_connected=_ignore_connected, on_lost=self._on_lost, subscriptions=[], ssl_context=ctx)
+            for n in range(1, PUBLISH_LANES)]
+        for lane in self.lanes:
+            lane.start()
+
+    def lane_for(self, client_id: str) -> MqttSession:
+        return self.lanes[hash(client_id) % len(self.lanes)]
 
     def _child_started(self, password: str) -> None:
         assert self.settings.child is not None
         if self.session is None:
             self._open_session("127.0.0.1", self.settings.child.internal_port, ADMIN_USER, password, None)
-        else:  # a restarted child has a new admin password and none of our session
-            self.session.password = password
-            self.session.reconnect_now()
+        else:  # a restarted child has a new admin password and none of our sessions
+            for lane in self.lanes:
+                lane.password = password
+                lane.reconnect_now()
 
     async def shutdown(self) -> None:
         for link in list(self.links.values()):
             self.drop_link(link, "shutdown")
-        if self.session is not None:
-            await self.session.close()
+        for lane in self.lanes:
+            await lane.close()
         if self.child is not None:
             await self.child.stop()
         for _, future in self._control.values():

@@ -258,8 +258,9 @@ class MqttSession:
         else:
             for packet in list(self._inflight.values()):  # resume: resend unacknowledged, marked DUP
                 self._out += bytes([packet[0] | 0x08]) + packet[1:]
-        subscribe = b"\x00" + b"".join(_string(t) + bytes([q]) for t, q in self.subscriptions)
-        self._out += b"\x82" + encode_length(2 + len(subscribe)) + _PACK_H(self._pid()) + subscribe
+        if self.subscriptions:  # an empty SUBSCRIBE is a protocol error
+            subscribe = b"\x00" + b"".join(_string(t) + bytes([q]) for t, q in self.subscriptions)
+            self._out += b"\x82" + encode_length(2 + len(subscribe)) + _PACK_H(self._pid()) + subscribe
         self.connected.set()
         self._drain_backlog()
         self.flush()
