@@ -438,7 +438,7 @@ if __name__ == "__main__":
     p.add_argument("--devices", type=int, default=10000)
     p.add_argument("--hold-s", type=float, default=60)
     p.add_argument("--pushes", type=int, default=30000, help="unicast pushes in 500-message batches")
-    p.add_argument("--batch-concurrency", type=int, default=4, help="batch requests in flight")
+    p.add_argument("--batch-concurrency", type=int, default=8, help="batch requests in flight (a provider sending in parallel)")
     p.add_argument("--single", type=int, default=3000, help="unicast pushes as single requests")
     p.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[200, 1000, 2000])
     p.add_argument("--latency-s", type=float, default=5)
