@@ -264,7 +264,8 @@ class MqttSession:
         self.connected.set()
         self._drain_backlog()
         self.flush()
-        log.info("event=broker_link_up address=%s:%d session_present=%s", self.host, self.port, session_present)
+        log.info("event=broker_link_up client=%s address=%s:%d session_present=%s", self.client_id, self.host,
+                 self.port, session_present)
         self.on_connected(session_present)
         while not conn.lost.done():
             await asyncio.wait([conn.lost], timeout=self.keepalive / 2)
