@@ -271,18 +271,34 @@ class Dispatcher:
             self.counters["resyncs"] += 1
             log.info("event=resync client=%s through=%d", entry.link.client_id, through)
 
-    def _record_ack(self, entry: Online, doc: dict[str, Any]) -> None:
+    def handle_detached_ack(self, device: Device, client_id: str, payload: bytes) -> None:
+        """An ack that reached us apart from its device's connection: a broker relaying acks over several
+        of our connections may hand one over before the device shows online, or after it went. Recorded
+        by message id, like an ack of a push sent over an earlier connection."""
+        try:
+            doc = json.loads(payload) if payload else {}
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            log.info("event=bad_device_message client=%s kind=ack reason=not_object", client_id)
+            return
+        self._record_ack(None, doc, device, client_id)
+
+    def _record_ack(self, entry: Online | None, doc: dict[str, Any], device: Device | None = None,
+                    client_id: str = "") -> None:
         ids, state = doc.get("ids"), doc.get("state", "received")
         rank = sql_messages.ACK_RANKS.get(state) if isinstance(state, str) else None
         if not isinstance(ids, list) or rank is None or len(ids) > 1000:
-            log.info("event=bad_device_message client=%s kind=ack reason=bad_fields", entry.link.client_id)
+            log.info("event=bad_device_message client=%s kind=ack reason=bad_fields",
+                     entry.link.client_id if entry is not None else client_id)
             return
         now = self.clock()
-        device_id = entry.device.id
+        device_id = entry.device.id if entry is not None else device.id  # type: ignore[union-attr]
+        sent = entry.sent if entry is not None else {}
         for mid in ids:
             if not isinstance(mid, str) or not is_message_id(mid):
                 continue
-            seq = entry.sent.pop(mid, None) if rank == 1 else entry.sent.get(mid)
+            seq = sent.pop(mid, None) if rank == 1 else sent.get(mid)
             if seq is not None:
                 self._acks_by_seq.append((rank, now, device_id, seq, mid, rank))
             else:

@@ -37,8 +37,10 @@ log = logging.getLogger("appliance.broker")
 CONTROL = "$CONTROL/dynamic-security/v1"
 CONTROL_RESPONSE = CONTROL + "/response"
 LOG_PREFIX = "$SYS/broker/log/"
-SUBSCRIPTIONS = [("push/+/hello", 1), ("push/+/ack", 1), ("push/+/status", 1), (LOG_PREFIX + "#", 1),
-                 (CONTROL_RESPONSE, 1)]
+# Acks, the busiest device messages, are shared among all our connections (MQTT 5 shared subscription), so
+# that our PUBACKs for them reach Mosquitto over all of them, not one.
+ACKS = ("$share/intrapush/push/+/ack", 1)
+SUBSCRIPTIONS = [("push/+/hello", 1), ACKS, ("push/+/status", 1), (LOG_PREFIX + "#", 1), (CONTROL_RESPONSE, 1)]
 CONTROL_TIMEOUT_S = 15.0
 PUBLISH_LANES = 16  # connections that carry pushes (the first also carries everything else); docs/broker.md
 _CONNECTED = re.compile(r"New client connected from (\S+) as (\S+) \(p\d+, c\d+, k(\d+)")
@@ -49,10 +51,6 @@ _GONE = ("disconnected", "closed its connection", "has exceeded timeout", "alrea
 _HARMLESS_ERRORS = {"createClient": "Client already exists", "deleteClient": "Client not found"}
 
 
-def _ignore_message(_topic: str, _payload: bytes, _retain: bool) -> None:
-    return None  # publish-only connections subscribe to nothing
-
-
 def _ignore_connected(_session_present: bool) -> None:
     return None
 
@@ -61,6 +59,7 @@ class DeviceGate(Protocol):
     """The embedded broker's gate, plus a lookup: Mosquitto has already checked the password."""
 
     def identify(self, client_id: str) -> Any | None: ...
+    def handle_detached_ack(self, device: Any, client_id: str, payload: bytes) -> None: ...
     def handle_connected(self, link: VirtualLink) -> None: ...
     def handle_publish(self, link: VirtualLink, kind: str, payload: bytes) -> None: ...
     def handle_disconnected(self, link: VirtualLink, reason: str) -> None: ...
@@ -149,8 +148,8 @@ class MosquittoBroker:
         # Mosquitto reads one packet per socket per turn of its loop: pushes spread over a few connections
         # reach it several per turn.
         self.lanes = [self.session] + [
-            MqttSession(host, port, f"intrapush-box-{n}", user, password, on_message=_ignore_message,
-                        on_connected=_ignore_connected, on_lost=self._on_lost, subscriptions=[], ssl_context=ctx)
+            MqttSession(host, port, f"intrapush-box-{n}", user, password, on_message=self._on_message,
+                        on_connected=_ignore_connected, on_lost=self._on_lost, subscriptions=[ACKS], ssl_context=ctx)
             for n in range(1, PUBLISH_LANES)]
         for lane in self.lanes:
             lane.start()
@@ -213,6 +212,13 @@ class MosquittoBroker:
                     self.drop_link(link, "last will")
                 return
             if link is None:
+                if kind == "ack":
+                    # Acks come over any of our connections, so one may overtake the log line of its
+                    # device's connection or trail that of its disconnection: recorded, but no link.
+                    device = self.gate.identify(client_id)
+                    if device is not None:
+                        self.gate.handle_detached_ack(device, client_id, payload)
+                    return
                 link = self._open_link(client_id, "?")
                 if link is None:
                     return
