@@ -126,8 +126,9 @@ def joined(parts: list[dict[str, Any]]) -> str:
 
 async def test_gsm_text_is_submitted_to_the_smsc(sender: SmppSender, smsc: Smsc) -> None:
     receipt = await sender.send(sms("Server db1 down [ticket #4711] - {prio} 5 €"))
-    [bound] = smsc.of("bound")
-    [submit] = smsc.of("submit_sm")
+    # The SMSC prints each event on a pipe that may lag its answer to us: wait for the line, not only the answer.
+    [bound] = await asyncio.to_thread(smsc.wait_for, "bound")
+    [submit] = await asyncio.to_thread(smsc.wait_for, "submit_sm")
     assert bound == {"event": "bound", "command": "bind_transmitter", "system_id": SYSTEM_ID}
     assert (submit["destination_addr"], submit["dest_addr_ton"], submit["data_coding"]) == ("4915112345678", 1, 0)
     assert (submit["source_addr"], submit["source_addr_ton"]) == ("Intrapush", 5)
@@ -138,7 +139,7 @@ async def test_gsm_text_is_submitted_to_the_smsc(sender: SmppSender, smsc: Smsc)
 async def test_long_ucs2_text_is_submitted_as_concatenated_parts(sender: SmppSender, smsc: Smsc) -> None:
     text = "Сервер db1 недоступен с 10:42. Дежурный, пожалуйста, проверьте VPN-шлюз. " * 3
     receipt = await sender.send(sms(text))
-    parts = smsc.of("submit_sm")
+    parts = await asyncio.to_thread(smsc.wait_for, "submit_sm", 4)
     assert len(parts) == receipt.parts == 4  # 231 characters, 67 per part
     assert {(p["data_coding"], p["esm_class"]) for p in parts} == {(8, 0x40)}
     assert joined(parts) == text
@@ -148,7 +149,7 @@ async def test_long_ucs2_text_is_submitted_as_concatenated_parts(sender: SmppSen
 async def test_long_gsm_text_is_split_without_breaking_escapes(sender: SmppSender, smsc: Smsc) -> None:
     text = "a" * 152 + "€" + "b" * 100
     await sender.send(sms(text))
-    parts = smsc.of("submit_sm")
+    parts = await asyncio.to_thread(smsc.wait_for, "submit_sm", 2)
     assert [len(p["message"]) for p in parts] == [152, 101]
     assert joined(parts) == text
 
@@ -161,7 +162,7 @@ async def test_wrong_password_is_a_permanent_auth_failure(smsc: Smsc) -> None:
     finally:
         await s.aclose()
     assert caught.value.reason == "auth"
-    assert smsc.of("bind_refused") and not smsc.of("submit_sm")
+    assert await asyncio.to_thread(smsc.wait_for, "bind_refused") and not smsc.of("submit_sm")
 
 
 async def test_throttling_is_a_temporary_failure(sender: SmppSender) -> None:
@@ -185,7 +186,7 @@ async def test_the_client_binds_again_after_the_smsc_restarts(node: str, smsc: S
     restarted = Smsc(node, smsc.port).start()
     try:
         receipt = await sender.send(sms("after"))
-        assert [e["message"] for e in restarted.of("submit_sm")] == ["after"]
+        assert [e["message"] for e in await asyncio.to_thread(restarted.wait_for, "submit_sm")] == ["after"]
         assert len(restarted.of("bound")) == 1 and receipt.parts == 1
     finally:
         await sender.aclose()
@@ -218,8 +219,8 @@ async def test_delivery_receipts_bind_as_transceiver_and_are_logged(smsc: Smsc,
     s = make_sender(smsc.port, delivery_receipts=True)
     try:
         receipt = await s.send(sms("hello"))
-        assert smsc.of("bound")[0]["command"] == "bind_transceiver"
-        assert smsc.of("submit_sm")[0]["registered_delivery"] == 1
+        assert (await asyncio.to_thread(smsc.wait_for, "bound"))[0]["command"] == "bind_transceiver"
+        assert (await asyncio.to_thread(smsc.wait_for, "submit_sm"))[0]["registered_delivery"] == 1
         deadline = time.monotonic() + 5
         wanted = f"smpp delivery receipt id={receipt.message_ids[0]} id:{receipt.message_ids[0]} stat:DELIVRD"
         while not any(wanted in r.getMessage() for r in caplog.records):
