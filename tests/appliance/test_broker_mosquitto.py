@@ -20,6 +20,7 @@ from cryptography import x509
 
 import certs
 from appliance.broker.mosquitto_child import ACL, ChildListener, ChildSettings, free_port, render_config, render_dynsec
+from appliance.broker.mosquitto import PUBLISH_LANES
 from tests.conftest import Box, PahoDevice, needs_mosquitto, wait_for
 from tests.e2e.test_tls import TlsPaho, ca_file, enroll_tls, from_p12, https, mqtt_over_tls, push, trust
 
@@ -314,5 +315,47 @@ def test_ca_rotation_on_mosquitto_trusts_the_previous_ca_until_it_is_retired(tmp
         wait_for(lambda: mqtt_over_tls(box, old, old_cert, bundle) == "tls-refused", timeout=5)
         assert mqtt_over_tls(box, new, new_cert, bundle) == "accepted"
         assert child_pid(box) == pid
+    finally:
+        box.stop()
+
+
+def _internal_port(box: Box) -> int:
+    """intrapush's own listener in the generated mosquitto.conf (the line after its comment)."""
+    lines = (box.data_dir / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+    return int(lines[lines.index("# intrapush's own connection") + 1].split()[1])
+
+
+def _connections_to(port: int) -> int:
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"dport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def test_pushes_and_acks_use_every_connection_to_mosquitto_and_they_come_back(tmp_path: Path) -> None:
+    """Pushes spread over PUBLISH_LANES connections, acks over a shared subscription; after Mosquitto
+    dies, all of them log in again and every device's push is delivered and acked."""
+    box = Box(tmp_path / "box", backend="mosquitto").start()
+    try:
+        port = _internal_port(box)
+        wait_for(lambda: _connections_to(port) == PUBLISH_LANES, timeout=5)
+        first = child_pid(box)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: child_pid(box) not in (None, first), timeout=10)
+        port = _internal_port(box)
+        wait_for(lambda: _connections_to(port) == PUBLISH_LANES, timeout=10)
+        app = box.create_app("lanes")
+        enrollments = [box.enroll(app, f"phone-{n}") for n in range(24)]  # 24 devices: all lanes, most surely
+        devices = [wait_for(lambda e=e: _try_connect(e, box.mqtt_port), timeout=10) for e in enrollments]
+        with box.api(app) as api:
+            sent = [api.post("/v1/messages", json={"to": {"token": e["token"]}, "title": "t"}).json()["id"]
+                    for e in enrollments]
+            for device, mid in zip(devices, sent):
+                assert device.next()["id"] == mid
+                device.ack([mid])
+            wait_for(lambda: all(api.get(f"/v1/messages/{mid}").json()["counts"]["acked"] == 1 for mid in sent),
+                     timeout=10)
+        for device in devices:
+            device.close()
     finally:
         box.stop()
