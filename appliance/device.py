@@ -15,23 +15,10 @@ from typing import Any
 
 import aiohttp
 
+from appliance.broker.topics import mqtt_packet, mqtt_string
+
 _PACK_H = struct.Struct("!H").pack
 _UNPACK_H = struct.Struct("!H").unpack_from
-
-
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return _PACK_H(len(data)) + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    out, n = bytearray([first]), len(body)
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            break
-    return bytes(out) + body
 
 
 class MqttRefused(Exception):
@@ -110,12 +97,12 @@ class Device:
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, ssl=self.ssl_context), timeout)
         flags = 0x80 | 0x40 | 0x02
-        payload = _string(self.client_id)
+        payload = mqtt_string(self.client_id)
         if will:
             flags |= 0x04 | 0x08  # will, QoS 1
-            payload += _string(e["status_topic"]) + _string(b'{"online":false}')
-        payload += _string(e["mqtt"]["username"]) + _string(e["mqtt"]["password"])
-        self._writer.write(_packet(0x10, b"\x00\x04MQTT\x04" + bytes([flags]) + _PACK_H(keepalive) + payload))
+            payload += mqtt_string(e["status_topic"]) + mqtt_string(b'{"online":false}')
+        payload += mqtt_string(e["mqtt"]["username"]) + mqtt_string(e["mqtt"]["password"])
+        self._writer.write(mqtt_packet(0x10, b"\x00\x04MQTT\x04" + bytes([flags]) + _PACK_H(keepalive) + payload))
         head = await asyncio.wait_for(self._reader.readexactly(4), timeout)
         if head[0] != 0x20 or head[3] != 0:
             self._writer.close()
@@ -124,7 +111,7 @@ class Device:
         loop = asyncio.get_running_loop()
         self._suback = loop.create_future()
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._ping_loop(keepalive))]
-        self._writer.write(_packet(0x82, _PACK_H(self._next_pid()) + _string(e["inbox_topic"]) + b"\x01"))
+        self._writer.write(mqtt_packet(0x82, _PACK_H(self._next_pid()) + mqtt_string(e["inbox_topic"]) + b"\x01"))
         codes = await asyncio.wait_for(self._suback, timeout)
         if codes[0] == 0x80:
             raise RuntimeError("the box refused the inbox subscription")
@@ -138,9 +125,9 @@ class Device:
         assert self._writer is not None
         data = json.dumps(doc).encode() if not isinstance(doc, bytes) else doc
         if qos:
-            self._writer.write(_packet(0x30 | (qos << 1), _string(topic) + _PACK_H(self._next_pid()) + data))
+            self._writer.write(mqtt_packet(0x30 | (qos << 1), mqtt_string(topic) + _PACK_H(self._next_pid()) + data))
         else:
-            self._writer.write(_packet(0x30, _string(topic) + data))
+            self._writer.write(mqtt_packet(0x30, mqtt_string(topic) + data))
 
     def ack(self, ids: list[str], state: str = "received") -> None:
         self.publish(self.enrollment["ack_topic"], {"ids": ids, "state": state})

@@ -15,24 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.broker.topics import mqtt_packet as packet
+from appliance.broker.topics import mqtt_string as _string
+
 _PACK_H = struct.Struct("!H").pack
 _UNPACK_H = struct.Struct("!H").unpack_from
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2
 SOURCES_PER_ADDRESS = 20000  # sockets per source address 127.0.0.x (well inside the ephemeral port range)
-
-
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return _PACK_H(len(data)) + data
-
-
-def packet(first: int, body: bytes) -> bytes:
-    out, n = bytearray([first]), len(body)
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out) + body
 
 
 def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int,

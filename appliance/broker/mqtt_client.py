@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.broker.topics import encode_length
+from appliance.broker.topics import mqtt_string as _string
 
 log = logging.getLogger("appliance.broker")
 
@@ -43,11 +44,6 @@ _PROP_SIZES = {0x01: 1, 0x17: 1, 0x19: 1, 0x24: 1, 0x25: 1, 0x28: 1, 0x29: 1, 0x
 
 class MqttError(Exception):
     """The broker refused us or broke the protocol."""
-
-
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return _PACK_H(len(data)) + data
 
 
 def _varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:

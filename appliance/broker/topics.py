@@ -21,6 +21,17 @@ def encode_length(n: int) -> bytes:
             return bytes(out)
 
 
+def mqtt_string(value: str | bytes) -> bytes:
+    """An MQTT UTF-8 string or binary field: two length bytes, then the bytes."""
+    data = value.encode() if isinstance(value, str) else value
+    return len(data).to_bytes(2, "big") + data
+
+
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """A whole control packet: its first byte, the Remaining Length, the body."""
+    return bytes([first]) + encode_length(len(body)) + body
+
+
 def inbox_topic(client_id: str) -> str:
     return f"{PREFIX}{client_id}/inbox"
 
