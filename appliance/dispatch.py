@@ -63,6 +63,19 @@ def is_message_id(value: str) -> bool:
     return _IS_MESSAGE_ID(value) is not None
 
 
+def _device_doc(client_id: str, kind: str, payload: bytes) -> dict[str, Any] | None:
+    """A device message's JSON object, or None (logged) when it is not one."""
+    try:
+        doc = json.loads(payload) if payload else {}
+    except (ValueError, UnicodeDecodeError):
+        log.info("event=bad_device_message client=%s kind=%s reason=not_json", client_id, kind)
+        return None
+    if not isinstance(doc, dict):
+        log.info("event=bad_device_message client=%s kind=%s reason=not_object", client_id, kind)
+        return None
+    return doc
+
+
 @dataclass(slots=True, eq=False)
 class Online:
     """A connected device and where its delivery stands in this connection."""
@@ -138,13 +151,8 @@ class Dispatcher:
         online = self.online.get(link.principal.id)
         if online is None or online.link is not link:
             return
-        try:
-            doc = json.loads(payload) if payload else {}
-        except (ValueError, UnicodeDecodeError):
-            log.info("event=bad_device_message client=%s kind=%s reason=not_json", link.client_id, kind)
-            return
-        if not isinstance(doc, dict):
-            log.info("event=bad_device_message client=%s kind=%s reason=not_object", link.client_id, kind)
+        doc = _device_doc(link.client_id, kind, payload)
+        if doc is None:
             return
         if kind == "hello":
             cursor = doc.get("cursor", 0)
@@ -153,8 +161,16 @@ class Dispatcher:
                 return
             self._spawn(self._catch_up(online, cursor))
         elif kind == "ack":
-            self._record_ack(online, doc)
+            self._record_ack(online.device.id, link.client_id, online.sent, doc)
         # "status" is the device's last will; presence already comes from the connection itself.
+
+    def handle_detached_ack(self, device: Device, client_id: str, payload: bytes) -> None:
+        """An ack that reached us apart from its device's connection: a broker relaying acks over several
+        of our connections may hand one over before the device shows online, or after it went. Recorded
+        by message id, like an ack of a push sent over an earlier connection."""
+        doc = _device_doc(client_id, "ack", payload)
+        if doc is not None:
+            self._record_ack(device.id, client_id, {}, doc)
 
     # -- provider side ---------------------------------------------------------------------------
     def prepare(self, app_id: str, item: dict[str, Any], targets: list[Device], ttl_s: int,
@@ -271,30 +287,14 @@ class Dispatcher:
             self.counters["resyncs"] += 1
             log.info("event=resync client=%s through=%d", entry.link.client_id, through)
 
-    def handle_detached_ack(self, device: Device, client_id: str, payload: bytes) -> None:
-        """An ack that reached us apart from its device's connection: a broker relaying acks over several
-        of our connections may hand one over before the device shows online, or after it went. Recorded
-        by message id, like an ack of a push sent over an earlier connection."""
-        try:
-            doc = json.loads(payload) if payload else {}
-        except (ValueError, UnicodeDecodeError):
-            doc = None
-        if not isinstance(doc, dict):
-            log.info("event=bad_device_message client=%s kind=ack reason=not_object", client_id)
-            return
-        self._record_ack(None, doc, device, client_id)
-
-    def _record_ack(self, entry: Online | None, doc: dict[str, Any], device: Device | None = None,
-                    client_id: str = "") -> None:
+    def _record_ack(self, device_id: int, client_id: str, sent: dict[str, int], doc: dict[str, Any]) -> None:
+        """`sent`: the seqs of what this connection sent the device, by message id ({} for none)."""
         ids, state = doc.get("ids"), doc.get("state", "received")
         rank = sql_messages.ACK_RANKS.get(state) if isinstance(state, str) else None
         if not isinstance(ids, list) or rank is None or len(ids) > 1000:
-            log.info("event=bad_device_message client=%s kind=ack reason=bad_fields",
-                     entry.link.client_id if entry is not None else client_id)
+            log.info("event=bad_device_message client=%s kind=ack reason=bad_fields", client_id)
             return
         now = self.clock()
-        device_id = entry.device.id if entry is not None else device.id  # type: ignore[union-attr]
-        sent = entry.sent if entry is not None else {}
         for mid in ids:
             if not isinstance(mid, str) or not is_message_id(mid):
                 continue
