@@ -112,8 +112,8 @@ def parse_url(url: str) -> tuple[str, int, str, str, bool]:
 
 
 class MosquittoBroker:
-    """Presence, device messages and device logins through one privileged session to Mosquitto, and pushes
-    over it and PUBLISH_LANES - 1 publish-only connections."""
+    """Presence, device messages and device logins through one privileged session to Mosquitto; pushes and
+    acks also over PUBLISH_LANES - 1 more connections with the same login."""
 
     def __init__(self, settings: MosquittoSettings, gate: DeviceGate,
                  load_devices: Callable[[], Awaitable[list[tuple[str, str | None]]]]) -> None:
@@ -126,7 +126,7 @@ class MosquittoBroker:
         self._corr = itertools.count(1)
         self.child = MosquittoChild(settings.child, load_devices, self._child_started) if settings.child else None
         self.session: MqttSession = None  # type: ignore[assignment]  # built in start()
-        self.lanes: list[MqttSession] = []  # session first, then publish-only connections (PUBLISH_LANES)
+        self.lanes: list[MqttSession] = []  # the session first, then the other PUBLISH_LANES - 1 connections
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -145,8 +145,8 @@ class MosquittoBroker:
         self.session = MqttSession(host, port, "intrapush-box", user, password, on_message=self._on_message,
                                    on_connected=self._on_connected, on_lost=self._on_lost,
                                    subscriptions=SUBSCRIPTIONS, ssl_context=ctx)
-        # Mosquitto reads one packet per socket per turn of its loop: pushes spread over a few connections
-        # reach it several per turn.
+        # Mosquitto reads one packet per socket per turn of its loop: pushes (and our PUBACKs for acks) spread
+        # over several connections reach it several per turn.
         self.lanes = [self.session] + [
             MqttSession(host, port, f"intrapush-box-{n}", user, password, on_message=self._on_message,
                         on_connected=_ignore_connected, on_lost=self._on_lost, subscriptions=[ACKS], ssl_context=ctx)

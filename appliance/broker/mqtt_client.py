@@ -1,6 +1,6 @@
 """intrapush's own MQTT 5 connection to a broker it does not run in-process (Mosquitto, or a cluster).
 
-A small asyncio client rather than paho-mqtt, aiomqtt or gmqtt, because this one connection carries every
+A small asyncio client rather than paho-mqtt, aiomqtt or gmqtt, because these connections carry every
 push and every device message of the box: a QoS 1 PUBLISH here is one bytes concatenation appended to a
 buffer that is written once per event-loop pass, and an incoming PUBLISH is parsed in place and its PUBACK
 batched the same way; no Future, callback object, thread or lock per message. Measured on the 2-core
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import ssl
 import struct
 from collections.abc import Callable
@@ -182,7 +181,7 @@ class MqttSession:
         self._flush_scheduled = False
         self._next_pid = 0
         self._inflight: dict[int, bytes] = {}
-        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog: collections.deque[tuple[bytes, bytes]] = collections.deque()  # (topic header, payload)
         self._window = WINDOW_CAP
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -285,32 +284,29 @@ class MqttSession:
     def publish(self, topic_hdr: bytes, payload: bytes) -> bool:
         """Queue one QoS 1 PUBLISH (topic as `topic_header()` built it); False if the backlog is full."""
         if len(self._inflight) < self._window and self.connected.is_set():
-            pid = self._pid()
-            packet = b"\x32" + encode_length(len(topic_hdr) + 3 + len(payload)) + topic_hdr + _PACK_H(pid) + b"\x00" + payload
-            self._inflight[pid] = packet
-            self._out += packet
+            self._send_publish(topic_hdr, payload)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self.flush)
-            self.published += 1
             return True
         if len(self._backlog) >= MAX_BACKLOG:
             self.dropped += 1
             return False
-        self._backlog.append(topic_hdr + b"\x00" + payload)  # split again in _drain_backlog
+        self._backlog.append((topic_hdr, payload))
         return True
 
+    def _send_publish(self, topic_hdr: bytes, payload: bytes) -> None:
+        """Frame a QoS 1 PUBLISH (empty MQTT 5 properties), keep it until its PUBACK, queue it for writing."""
+        pid = self._pid()
+        packet = b"\x32" + encode_length(len(topic_hdr) + 3 + len(payload)) + topic_hdr + _PACK_H(pid) + b"\x00" + payload
+        self._inflight[pid] = packet
+        self._out += packet
+        self.published += 1
+
     def _drain_backlog(self) -> None:
-        backlog, inflight = self._backlog, self._inflight
-        while backlog and len(inflight) < self._window:
-            item = backlog.popleft()
-            tlen = _UNPACK_H(item)[0]
-            topic_hdr, payload = item[:2 + tlen], item[3 + tlen:]
-            pid = self._pid()
-            packet = b"\x32" + encode_length(len(topic_hdr) + 3 + len(payload)) + topic_hdr + _PACK_H(pid) + b"\x00" + payload
-            inflight[pid] = packet
-            self._out += packet
-            self.published += 1
+        backlog = self._backlog
+        while backlog and len(self._inflight) < self._window:
+            self._send_publish(*backlog.popleft())
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -343,7 +339,3 @@ class MqttSession:
             self.on_message(topic, bytes(buf[pos:end]), bool(first & 1))
         except Exception:
             log.exception("event=broker_message_failed topic=%r", topic[:128])
-
-
-def new_password() -> str:
-    return os.urandom(24).hex()
