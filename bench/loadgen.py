@@ -24,6 +24,19 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linu
 SOURCES_PER_ADDRESS = 20000  # sockets per source address 127.0.0.x (well inside the ephemeral port range)
 
 
+def frame(buf: bytearray, pos: int, end: int) -> tuple[int, int] | None:
+    """Where the body of the packet at `pos` starts and ends, or None until all of it is in `buf[:end]`."""
+    i, length, mult = pos + 1, 0, 1
+    while i < end:
+        digit = buf[i]
+        i += 1
+        length += (digit & 0x7F) * mult
+        mult *= 128
+        if not digit & 0x80:
+            return (i, i + length) if i + length <= end else None
+    return None
+
+
 def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int,
                    will_topic: str | None = None) -> bytes:
     flags, payload = 0x02, _string(client_id)
@@ -108,19 +121,8 @@ class DeviceProtocol(asyncio.Protocol):
         buf += data
         pos, end = 0, len(buf)
         out = []
-        while end - pos >= 2:
-            first, i, length, mult = buf[pos], pos + 1, 0, 1
-            while True:
-                if i >= end:
-                    return self._keep(pos, out)
-                digit = buf[i]
-                i += 1
-                length += (digit & 0x7F) * mult
-                mult *= 128
-                if not digit & 0x80:
-                    break
-            if i + length > end:
-                break
+        while (bounds := frame(buf, pos, end)) is not None:
+            first, (i, body_end) = buf[pos], bounds
             ptype = first >> 4
             if ptype == 3:
                 tlen = _UNPACK_H(buf, i)[0]
@@ -128,7 +130,7 @@ class DeviceProtocol(asyncio.Protocol):
                 if first & 0x06:
                     out.append(b"\x40\x02" + bytes(buf[off:off + 2]))
                     off += 2
-                self._on_push(bytes(buf[off:i + length]), out)
+                self._on_push(bytes(buf[off:body_end]), out)
             elif ptype == 2:
                 if buf[i + 1] != 0:
                     self.ready.set_exception(ConnectionError(f"CONNACK {buf[i + 1]}"))
@@ -137,7 +139,7 @@ class DeviceProtocol(asyncio.Protocol):
                 self.stats.connected += 1
                 if not self.ready.done():
                     self.ready.set_result(None)
-            pos = i + length
+            pos = body_end
         self._keep(pos, out)
 
     def _keep(self, pos: int, out: list[bytes]) -> None:
@@ -243,19 +245,8 @@ async def relay_rate(host: str, port: int, messages: int, payload: int = 100, wi
             nonlocal got
             self.buf += data
             buf, pos, out = self.buf, 0, []
-            while len(buf) - pos >= 2:
-                i, length, mult = pos + 1, 0, 1
-                while True:
-                    if i >= len(buf):
-                        break
-                    digit = buf[i]
-                    i += 1
-                    length += (digit & 0x7F) * mult
-                    mult *= 128
-                    if not digit & 0x80:
-                        break
-                if i + length > len(buf) or (buf[i - 1] & 0x80):
-                    break
+            while (bounds := frame(buf, pos, len(buf))) is not None:
+                i, body_end = bounds
                 if buf[pos] >> 4 == 3:
                     tlen = _UNPACK_H(buf, i)[0]
                     out.append(b"\x40\x02" + bytes(buf[i + 2 + tlen:i + 4 + tlen]))
@@ -264,7 +255,7 @@ async def relay_rate(host: str, port: int, messages: int, payload: int = 100, wi
                         done.set_result(None)
                 elif buf[pos] >> 4 == 9 and not sub_ready.done():
                     sub_ready.set_result(None)
-                pos = i + length
+                pos = body_end
             del buf[:pos]
             if out:
                 self.t.write(b"".join(out))  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from loadgen import Fleet, relay_rate  # noqa: E402
+from push_path import metric  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results.jsonl"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -120,14 +121,6 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as r:
-        for line in (await r.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
 
 
 async def wait_metric(session: aiohttp.ClientSession, url: str, name: str, at_least: float, timeout: float) -> float:
