@@ -9,20 +9,19 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
 
 import certs
 from appliance.broker.mosquitto_child import ACL, ChildListener, ChildSettings, free_port, render_config, render_dynsec
 from appliance.broker.mosquitto import PUBLISH_LANES
 from tests.conftest import Box, PahoDevice, needs_mosquitto, wait_for
-from tests.e2e.test_tls import TlsPaho, ca_file, enroll_tls, from_p12, https, mqtt_over_tls, push, trust
+from tests.e2e.test_tls import (TlsPaho, ca_file, enroll_tls, from_p12, https, mqtt_over_tls, push, served_serial,
+                                 trust)
 
 pytestmark = needs_mosquitto
 
@@ -115,8 +114,6 @@ def test_external_broker_via_url(tmp_path: Path) -> None:
 
 
 def _port_open(port: int) -> bool:
-    import socket
-
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
         return True
@@ -158,6 +155,17 @@ def device_state(box: Box, app: dict, token: str) -> dict:
                      headers={"Authorization": f"Bearer {app['api_key']}"}).json()
 
 
+def receives_one_push(proc: subprocess.Popen[str], box: Box, app: dict, e: dict, title: str) -> None:
+    """A mosquitto_sub for device `e`, once the box sees it subscribed, prints the push sent to it."""
+    try:
+        wait_for(lambda: device_state(box, app, e["token"])["subscribed"])
+        mid = push(box, app, e["token"], title)
+        out, _ = proc.communicate(timeout=15)
+        assert json.loads(out)["id"] == mid
+    finally:
+        proc.kill()
+
+
 def message_state(box: Box, app: dict, mid: str, token: str) -> dict:
     return httpx.get(f"{https(box)}/v1/messages/{mid}", verify=trust(box),
                      headers={"Authorization": f"Bearer {app['api_key']}"}).json()["tokens"][token]
@@ -181,15 +189,8 @@ def test_mosquitto_sub_trusting_the_exported_ca_gets_a_push_and_one_trusting_ano
     assert refused.returncode != 0 and refused.stdout == ""
     assert device_state(box, app, e["token"])["online"] is False
 
-    proc = subprocess.Popen(mosquitto_cli("mosquitto_sub", box, e, exported) + sub + ["-W", "10"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: device_state(box, app, e["token"])["subscribed"])
-        mid = push(box, app, e["token"], "over mosquitto's TLS listener")
-        out, _ = proc.communicate(timeout=15)
-        assert json.loads(out)["id"] == mid
-    finally:
-        proc.kill()
+    receives_one_push(subprocess.Popen(mosquitto_cli("mosquitto_sub", box, e, exported) + sub + ["-W", "10"],
+                                       stdout=subprocess.PIPE, text=True), box, app, e, "over mosquitto's TLS listener")
 
 
 def test_renewed_server_certificate_is_served_by_mosquitto_without_a_restart(tls_mosquitto: Box) -> None:
@@ -198,17 +199,10 @@ def test_renewed_server_certificate_is_served_by_mosquitto_without_a_restart(tls
     e = enroll_tls(box, app, "steady")
     device = TlsPaho(e, box.port("mqtt-tls"), ca_file(box)).connect()
     pid = child_pid(box)
-
-    def served_serial() -> int:
-        ctx = ssl.create_default_context(cafile=str(ca_file(box)))
-        with socket.create_connection(("127.0.0.1", box.port("mqtt-tls"))) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
-
-    before = served_serial()
+    before = served_serial(box)
     issued = json.loads(box.cli("cert", "server", "--san", "localhost", "--san", "127.0.0.1", "--json").stdout)
-    wait_for(lambda: served_serial() != before, timeout=5)
-    assert served_serial() == int(issued["serial"], 16)
+    wait_for(lambda: served_serial(box) != before, timeout=5)
+    assert served_serial(box) == int(issued["serial"], 16)
     assert child_pid(box) == pid
     mid = push(box, app, e["token"], "still connected")
     assert device.next()["id"] == mid and device.disconnects.empty()
@@ -222,15 +216,9 @@ def test_revoked_device_certificate_is_refused_by_mosquitto_without_a_restart(mt
     e, other = enroll_tls(box, app, "phone"), enroll_tls(box, app, "other")
     cert, other_cert = from_p12(box, e["token"], tmp_path, "phone"), from_p12(box, other["token"], tmp_path, "other")
     pid = child_pid(box)
-    proc = subprocess.Popen(mosquitto_cli("mosquitto_sub", box, e, ca_file(box), cert)
-                            + ["-t", e["inbox_topic"], "-C", "1", "-W", "10"], stdout=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: device_state(box, app, e["token"])["subscribed"])
-        mid = push(box, app, e["token"], "before revocation")
-        out, _ = proc.communicate(timeout=15)
-        assert json.loads(out)["id"] == mid
-    finally:
-        proc.kill()
+    receives_one_push(subprocess.Popen(mosquitto_cli("mosquitto_sub", box, e, ca_file(box), cert)
+                                       + ["-t", e["inbox_topic"], "-C", "1", "-W", "10"], stdout=subprocess.PIPE,
+                                       text=True), box, app, e, "before revocation")
 
     box.cli("cert", "revoke", e["token"])
 

@@ -54,6 +54,13 @@ def push(box: Box, app: dict, token: str, title: str) -> str:
     return r.json()["id"]
 
 
+def served_serial(box: Box) -> int:
+    """The serial of the server certificate the box's MQTT-over-TLS listener presents right now."""
+    with socket.create_connection(("127.0.0.1", box.port("mqtt-tls"))) as raw, \
+            trust(box).wrap_socket(raw, server_hostname="localhost") as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
 def spki_pin_of(der: bytes) -> str:
     cert = x509.load_der_x509_certificate(der)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -232,17 +239,10 @@ def test_server_certificate_reissue_applies_to_new_connections_only(tls_box: Box
     app = tls_box.create_app("renew-" + uuid.uuid4().hex[:6])
     e = enroll_tls(tls_box, app, "steady")
     device = TlsPaho(e, tls_box.port("mqtt-tls"), ca_file(tls_box)).connect()
-
-    def served_serial() -> int:
-        ctx = ssl.create_default_context(cafile=str(ca_file(tls_box)))
-        with socket.create_connection(("127.0.0.1", tls_box.port("mqtt-tls"))) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
-
-    before = served_serial()
+    before = served_serial(tls_box)
     issued = json.loads(tls_box.cli("cert", "server", "--san", "localhost", "--san", "127.0.0.1", "--json").stdout)
-    wait_for(lambda: served_serial() != before, timeout=10)
-    assert served_serial() == int(issued["serial"], 16)
+    wait_for(lambda: served_serial(tls_box) != before, timeout=10)
+    assert served_serial(tls_box) == int(issued["serial"], 16)
     mid = push(tls_box, app, e["token"], "still connected")
     assert device.next()["id"] == mid and device.disconnects.empty()
     device.close()
