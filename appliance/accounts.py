@@ -11,12 +11,21 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import certs
+from appliance import errors as E
 from appliance.directory import App, Device, Directory, hash_secret, hash_secret_pbkdf2, new_secret
 from appliance.errors import APP_EXISTS, APP_NOT_FOUND, DEVICE_NOT_FOUND, ApiError
 from appliance.store import Store
 from appliance.store import apps as sql_apps
+from appliance.store import audit as sql_audit
 from appliance.store import devices as sql_devices
 from appliance.store import escalations as sql_escalations
+from appliance.store import tickets as sql_tickets
+
+# How long the previous credential keeps working after a rotation unless the caller says otherwise: an API
+# key lives on a few app servers that a deploy updates within a day; an enrollment secret ships inside every
+# copy of the app, and old copies keep enrolling until users update, so it gets a release cycle.
+API_KEY_GRACE_S = 86400
+SECRET_GRACE_S = 30 * 86400
 
 
 class BrokerCredentials(Protocol):
@@ -55,26 +64,57 @@ def new_app_rows(name: str, now: float) -> tuple[NewApp, dict[str, Any]]:
     return created, row
 
 
-def _insert_app_checked(conn: Any, row: dict[str, Any]) -> None:
+def _insert_app_checked(conn: Any, row: dict[str, Any], actor: str) -> None:
     if sql_apps.find_app_id(conn, row["name"]) is not None:
         raise ApiError(APP_EXISTS, f"an app named {row['name']!r} exists")
     sql_apps.insert_app(conn, row)
+    sql_audit.record(conn, actor, "app.create", row["id"], row["name"])
 
 
-def _rotate_checked(conn: Any, name_or_id: str, key_hash: str, now: float) -> str:
+def _app_id_checked(conn: Any, name_or_id: str) -> str:
     app_id = sql_apps.find_app_id(conn, name_or_id)
     if app_id is None:
         raise ApiError(APP_NOT_FOUND, f"no app named or with id {name_or_id!r}")
-    sql_apps.set_api_key(conn, app_id, key_hash, now)
     return app_id
 
 
-def _revoke_checked(conn: Any, token: str, now: float) -> tuple[int, str]:
+def _rotate_checked(conn: Any, name_or_id: str, what: str, new_hash: str, grace_s: int, now: float,
+                    actor: str) -> dict[str, Any]:
+    """Rotate the API key or the enrollment secret; return the app's row as it is after the change."""
+    app_id = _app_id_checked(conn, name_or_id)
+    rotate = sql_apps.rotate_api_key if what == "api_key" else sql_apps.rotate_secret
+    rotate(conn, app_id, new_hash, now + grace_s, now)
+    sql_audit.record(conn, actor, f"app.rotate_{'key' if what == 'api_key' else 'secret'}", app_id,
+                     detail={"grace_s": grace_s, "previous_valid_until": now + grace_s})
+    row = sql_apps.select_app(conn, app_id)
+    assert row is not None
+    return row
+
+
+def _app_setting_checked(conn: Any, name_or_id: str, action: str, apply: Callable[[Any, str], None],
+                         detail: dict[str, Any], actor: str) -> str:
+    app_id = _app_id_checked(conn, name_or_id)
+    apply(conn, app_id)
+    sql_audit.record(conn, actor, action, app_id, detail=detail)
+    return app_id
+
+
+def _retire_checked(conn: Any, token: str, app_id: str | None, reason: str, now: float,
+                    actor: str) -> tuple[int, str]:
+    """Retire an active token (of `app_id` when given: a provider reaches only its own devices)."""
     row = sql_devices.find_token(conn, token)
-    if row is None or row["retired_at"] is not None:
+    if row is None or row["retired_at"] is not None or (app_id is not None and row["app_id"] != app_id):
         raise ApiError(DEVICE_NOT_FOUND, "no active device with that token")
-    sql_devices.retire_device(conn, row["id"], "revoked", now)
+    sql_devices.retire_device(conn, row["id"], reason, now)
+    sql_audit.record(conn, actor, RETIRE_ACTIONS[reason], row["app_id"], token)
     return int(row["id"]), str(row["client_id"])
+
+
+RETIRE_ACTIONS = {"revoked": "device.revoke", "unregistered": "device.unregister"}
+
+
+def _grace(grace_s: int | None, default: int) -> int:
+    return default if grace_s is None else grace_s
 
 
 def revoke_device_certs(cert_store: certs.CertStore | None, client_id: str) -> int:
@@ -94,39 +134,95 @@ class OfflineAccounts:
         self.store = store
         self.cert_store = cert_store
 
-    def create_app(self, name: str) -> NewApp:
+    def create_app(self, name: str, actor: str) -> NewApp:
         created, row = new_app_rows(name, time.time())
-        self.store.write_now(_insert_app_checked, row)
+        self.store.write_now(_insert_app_checked, row, actor)
         return created
 
-    def rotate_key(self, name_or_id: str) -> dict[str, str]:
+    def rotate_key(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
         key = new_secret("ak_")
-        app_id = self.store.write_now(_rotate_checked, name_or_id, hash_secret(key), time.time())
-        return {"app_id": app_id, "api_key": key}
+        grace = _grace(grace_s, API_KEY_GRACE_S)
+        row = self.store.write_now(_rotate_checked, name_or_id, "api_key", hash_secret(key), grace, time.time(), actor)
+        return {"app_id": row["id"], "api_key": key, "previous_valid_until": row["api_key_prev_until"]}
+
+    def rotate_secret(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
+        secret = new_secret("es_")
+        grace = _grace(grace_s, SECRET_GRACE_S)
+        row = self.store.write_now(_rotate_checked, name_or_id, "secret", hash_secret(secret), grace, time.time(),
+                                   actor)
+        return {"app_id": row["id"], "enrollment_secret": secret, "previous_valid_until": row["secret_prev_until"]}
 
     def list_apps(self) -> list[dict[str, Any]]:
         return [_public_app(a) for a in self.store.read_now(sql_apps.select_apps)]
 
-    def set_app_fallback(self, name_or_id: str, policy: dict[str, Any] | None) -> dict[str, Any]:
-        app_id = self.store.read_now(sql_apps.find_app_id, name_or_id)
-        if app_id is None:
-            raise ApiError(APP_NOT_FOUND, f"no app named or with id {name_or_id!r}")
-        self.store.write_now(sql_escalations.set_app_fallback, app_id, json.dumps(policy) if policy else None)
+    def set_app_fallback(self, name_or_id: str, policy: dict[str, Any] | None, actor: str) -> dict[str, Any]:
+        app_id = self.store.write_now(*_fallback_args(name_or_id, policy, actor))
         return {"app_id": app_id, "fallback": policy}
 
+    def set_enrollment(self, name_or_id: str, require_ticket: bool, actor: str) -> dict[str, Any]:
+        app_id = self.store.write_now(*_enrollment_args(name_or_id, require_ticket, actor))
+        return {"app_id": app_id, "require_ticket": require_ticket}
+
     def list_devices(self, app: str | None) -> list[dict[str, Any]]:
-        app_id = None
-        if app is not None:
-            app_id = self.store.read_now(sql_apps.find_app_id, app)
-            if app_id is None:
-                raise ApiError(APP_NOT_FOUND, f"no app named or with id {app!r}")
+        app_id = None if app is None else self.store.read_now(_app_id_checked, app)
         return [_public_device(d) for d in self.store.read_now(sql_devices.select_devices, app_id)]
 
-    def revoke(self, token: str) -> dict[str, Any]:
+    def revoke(self, token: str, actor: str) -> dict[str, Any]:
         now = time.time()
-        _, client_id = self.store.write_now(_revoke_checked, token, now)
+        _, client_id = self.store.write_now(_retire_checked, token, None, "revoked", now, actor)
         revoked = revoke_device_certs(self.cert_store, client_id)
         return {"token": token, "revoked_at": now, "certificates_revoked": revoked}
+
+    def audit(self, app: str | None, before: int | None, limit: int) -> list[dict[str, Any]]:
+        app_id = None if app is None else self.store.read_now(_app_id_checked, app)
+        return self.store.read_now(sql_audit.select, app_id, before, limit)
+
+
+def _fallback_args(name_or_id: str, policy: dict[str, Any] | None, actor: str) -> tuple[Any, ...]:
+    text = json.dumps(policy) if policy else None
+    return (_app_setting_checked, name_or_id, "app.set_fallback",
+            lambda conn, app_id: sql_escalations.set_app_fallback(conn, app_id, text), {"fallback": policy}, actor)
+
+
+def _enrollment_args(name_or_id: str, require_ticket: bool, actor: str) -> tuple[Any, ...]:
+    return (_app_setting_checked, name_or_id, "app.set_enrollment",
+            lambda conn, app_id: sql_apps.set_require_ticket(conn, app_id, require_ticket),
+            {"require_ticket": require_ticket}, actor)
+
+
+@dataclass
+class Enrollment:
+    """What a device asks for, and what vouches for it: the app's secret, or a ticket its app server minted."""
+
+    app: App
+    platform: str
+    package: str
+    device_id: str
+    ticket: str | None = None
+    previous: Device | None = None
+
+
+def _enroll_checked(conn: Any, row: dict[str, Any], ticket_hash: str | None,
+                    previous: int | None) -> tuple[dict[str, Any], list[int]]:
+    """Redeem the ticket (once), bind its identity, insert the token and retire what it replaces: one
+    transaction, so two redemptions of one ticket cannot both succeed."""
+    replaces = [previous] if previous is not None else []
+    if ticket_hash is not None:
+        ticket = sql_tickets.find_ticket(conn, ticket_hash)
+        if ticket is None or ticket["app_id"] != row["app_id"]:
+            raise ApiError(E.TICKET_UNKNOWN)
+        if ticket["redeemed_at"] is not None:
+            raise ApiError(E.TICKET_USED, f"the ticket was redeemed at {ticket['redeemed_at']:.0f}")
+        if ticket["expires_at"] <= row["created_at"]:
+            raise ApiError(E.TICKET_EXPIRED, f"the ticket expired at {ticket['expires_at']:.0f}")
+        row.update(alias=ticket["alias"], phone=ticket["phone"], email=ticket["email"])
+        if previous is None and ticket["alias"]:  # the same user reinstalling the same install
+            replaces = sql_devices.same_user_devices(conn, row["app_id"], row["package"], row["device_id"],
+                                                     ticket["alias"])
+    row["id"] = sql_devices.enroll_device(conn, row, replaces)
+    if ticket_hash is not None:
+        sql_tickets.mark_redeemed(conn, ticket_hash, row["id"], row["created_at"])
+    return row, replaces
 
 
 class Accounts(OfflineAccounts):
@@ -141,8 +237,7 @@ class Accounts(OfflineAccounts):
 
     def load(self) -> None:
         for row in self.store.read_now(sql_apps.select_apps):
-            self.directory.add_app(App(row["id"], row["name"], row["api_key_hash"], row["enrollment_secret_hash"],
-                                       json.loads(row["fallback"]) if row["fallback"] else None))
+            self.directory.add_app(App.from_row(row))
         for row in self.store.read_now(sql_devices.select_active_devices):
             self.directory.add_device(Device.from_row(row))
         for app_id, topic, device_id in self.store.read_now(sql_devices.select_subscriptions):
@@ -150,28 +245,41 @@ class Accounts(OfflineAccounts):
             if device is not None and device.app_id == app_id:
                 self.directory.subscribe(device, topic)
 
-    async def create_app_async(self, name: str) -> NewApp:
+    # -- apps ------------------------------------------------------------------------------------
+    async def create_app_async(self, name: str, actor: str) -> NewApp:
         created, row = new_app_rows(name, time.time())
-        await self.store.write(_insert_app_checked, row)
+        await self.store.write(_insert_app_checked, row, actor)
         self.directory.add_app(App(row["id"], name, row["api_key_hash"], row["enrollment_secret_hash"]))
         return created
 
-    async def rotate_key_async(self, name_or_id: str) -> dict[str, str]:
+    async def rotate_key_async(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
         key = new_secret("ak_")
-        key_hash = hash_secret(key)
-        app_id = await self.store.write(_rotate_checked, name_or_id, key_hash, time.time())
-        app = self.directory.apps[app_id]
-        self.directory.add_app(App(app.id, app.name, key_hash, app.enrollment_secret_hash, app.fallback))
-        return {"app_id": app_id, "api_key": key}
+        grace = _grace(grace_s, API_KEY_GRACE_S)
+        row = await self.store.write(_rotate_checked, name_or_id, "api_key", hash_secret(key), grace, time.time(),
+                                     actor)
+        self.directory.add_app(App.from_row(row))
+        return {"app_id": row["id"], "api_key": key, "previous_valid_until": row["api_key_prev_until"]}
 
-    async def set_app_fallback_async(self, name_or_id: str, policy: dict[str, Any] | None) -> dict[str, Any]:
+    async def rotate_secret_async(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
+        secret = new_secret("es_")
+        grace = _grace(grace_s, SECRET_GRACE_S)
+        row = await self.store.write(_rotate_checked, name_or_id, "secret", hash_secret(secret), grace,
+                                     time.time(), actor)
+        self.directory.add_app(App.from_row(row))
+        return {"app_id": row["id"], "enrollment_secret": secret, "previous_valid_until": row["secret_prev_until"]}
+
+    async def set_app_fallback_async(self, name_or_id: str, policy: dict[str, Any] | None,
+                                     actor: str) -> dict[str, Any]:
         """Set (or clear, with None) the app's default fallback policy for pushes that give none."""
-        app_id = await self.store.read(sql_apps.find_app_id, name_or_id)
-        if app_id is None:
-            raise ApiError(APP_NOT_FOUND, f"no app named or with id {name_or_id!r}")
-        await self.store.write(sql_escalations.set_app_fallback, app_id, json.dumps(policy) if policy else None)
+        app_id = await self.store.write(*_fallback_args(name_or_id, policy, actor))
         self.directory.apps[app_id].fallback = policy
         return {"app_id": app_id, "fallback": policy}
+
+    async def set_enrollment_async(self, name_or_id: str, require_ticket: bool, actor: str) -> dict[str, Any]:
+        """Require an enrollment ticket for every enrollment of the app (or allow the secret again)."""
+        app_id = await self.store.write(*_enrollment_args(name_or_id, require_ticket, actor))
+        self.directory.apps[app_id].require_ticket = require_ticket
+        return {"app_id": app_id, "require_ticket": require_ticket}
 
     async def set_alias_contact(self, app_id: str, alias: str, phone: str | None, email: str | None) -> None:
         await self.store.write(sql_escalations.set_alias_contact, app_id, alias, phone, email, time.time())
@@ -179,48 +287,87 @@ class Accounts(OfflineAccounts):
     async def list_apps_async(self) -> list[dict[str, Any]]:
         return [_public_app(a) for a in await self.store.read(sql_apps.select_apps)]
 
+    async def audit_async(self, app: str | None, before: int | None, limit: int) -> list[dict[str, Any]]:
+        app_id = None if app is None else await self.store.read(_app_id_checked, app)
+        return await self.store.read(sql_audit.select, app_id, before, limit)
+
+    # -- devices ---------------------------------------------------------------------------------
     async def list_devices_async(self, app: str | None) -> list[dict[str, Any]]:
-        app_id = None
-        if app is not None:
-            app_id = await self.store.read(sql_apps.find_app_id, app)
-            if app_id is None:
-                raise ApiError(APP_NOT_FOUND, f"no app named or with id {app!r}")
+        app_id = None if app is None else await self.store.read(_app_id_checked, app)
         rows = await self.store.read(sql_devices.select_devices, app_id)
         return [_public_device(row) for row in rows]
 
-    async def revoke_async(self, token: str) -> dict[str, Any]:
+    async def revoke_async(self, token: str, actor: str) -> dict[str, Any]:
+        at, _, client_id = await self._retire(token, None, "revoked", actor)
+        revoked = await asyncio.to_thread(revoke_device_certs, self.cert_store, client_id)
+        return {"token": token, "revoked_at": at, "certificates_revoked": revoked}
+
+    async def unregister(self, app: App, token: str) -> dict[str, Any]:
+        """The app server retires one of its own tokens (an uninstalled app, a departed user)."""
+        at, _, client_id = await self._retire(token, app.id, "unregistered", f"provider:{app.id}")
+        await asyncio.to_thread(revoke_device_certs, self.cert_store, client_id)
+        return {"token": token, "unregistered_at": at}
+
+    async def _retire(self, token: str, app_id: str | None, reason: str, actor: str) -> tuple[float, int, str]:
         now = time.time()
-        device_id, client_id = await self.store.write(_revoke_checked, token, now)
+        device_id, client_id = await self.store.write(_retire_checked, token, app_id, reason, now, actor)
         device = self.directory.by_id.get(device_id)
         if device is not None:
             self.directory.remove_device(device)
-            self.drop_device(device, "revoked")
+            self.drop_device(device, reason)
         await self.credentials.remove_device(client_id)  # a broker holding logins also disconnects it
-        revoked = await asyncio.to_thread(revoke_device_certs, self.cert_store, client_id)
-        return {"token": token, "revoked_at": now, "certificates_revoked": revoked}
+        return now, device_id, client_id
 
-    async def enroll(self, app: App, fields: dict[str, Any]) -> tuple[Device, str]:
-        """Issue a new token for (app, package, device_id), retiring the one it had; returns the MQTT password."""
+    async def mint_ticket(self, app: App, alias: str | None, phone: str | None, email: str | None,
+                          ttl_s: int) -> dict[str, Any]:
+        ticket = new_secret("et_", 24)
         now = time.time()
-        old = self.directory.by_identity.get((app.id, fields["package"], fields["device_id"]))
+        row = {"ticket_hash": hash_secret(ticket), "app_id": app.id, "alias": alias, "phone": phone, "email": email,
+               "created_at": now, "expires_at": now + ttl_s}
+        await self.store.write(sql_tickets.insert_ticket, row)
+        return {"ticket": ticket, "expires_at": row["expires_at"], "alias": alias}
+
+    async def set_identity(self, app: App, device: Device, alias: str | None, phone: str | None,
+                           email: str | None) -> None:
+        def write(conn: Any) -> None:
+            if not sql_devices.set_identity(conn, device.id, alias, phone, email):
+                raise ApiError(DEVICE_NOT_FOUND, "no active device with that token")
+            sql_audit.record(conn, f"provider:{app.id}", "device.set_identity", app.id, device.token,
+                             {"alias": alias, "phone": _masked(phone), "email": _masked(email)})
+        await self.store.write(write)
+        self.directory.set_identity(device, alias, phone, email)
+
+    async def enroll(self, req: Enrollment) -> tuple[Device, str, list[str]]:
+        """Issue a new token; return it, its MQTT password, and the tokens it replaced."""
+        now = time.time()
         password = new_secret("", 24)
-        contact = fields.get("contact") or {}
+        prev = req.previous
         row = {
-            "app_id": app.id, "token": new_secret("dt_", 24), "client_id": "d-" + secrets.token_hex(8),
+            "app_id": req.app.id, "token": new_secret("dt_", 24), "client_id": "d-" + secrets.token_hex(8),
             "mqtt_password_hash": hash_secret(password), "mqtt_password_pbkdf2": hash_secret_pbkdf2(password),
-            "platform": fields["platform"],
-            "package": fields["package"], "device_id": fields["device_id"], "alias": fields.get("alias"),
-            "phone": contact.get("phone"), "email": contact.get("email"), "created_at": now,
+            "platform": req.platform, "package": req.package, "device_id": req.device_id,
+            "alias": prev.alias if prev else None, "phone": prev.phone if prev else None,
+            "email": prev.email if prev else None, "created_at": now,
         }
-        row["id"] = await self.store.write(sql_devices.enroll_device, row, old.id if old else None)
-        if old is not None:
+        ticket_hash = hash_secret(req.ticket) if req.ticket is not None else None
+        row, replaced_ids = await self.store.write(_enroll_checked, row, ticket_hash, prev.id if prev else None)
+        replaced = []
+        topics: set[str] = set()
+        for old_id in replaced_ids:
+            old = self.directory.by_id.get(old_id)
+            if old is None:
+                continue
+            topics |= old.topics
+            replaced.append(old.token)
             self.directory.remove_device(old)
             self.drop_device(old, "reenrolled")
             await self.credentials.remove_device(old.client_id)
         device = Device.from_row({**row, "last_seq": 0, "dropped_through": 0})
         self.directory.add_device(device)
+        for topic in topics:
+            self.directory.subscribe(device, topic)
         await self.credentials.add_device(device.client_id, password)  # before the answer: it may connect at once
-        return device, password
+        return device, password, replaced
 
     async def set_subscription(self, app_id: str, topic: str, devices: list[Device], subscribe: bool) -> None:
         ids = [d.id for d in devices]
@@ -234,9 +381,21 @@ class Accounts(OfflineAccounts):
                 self.directory.unsubscribe(d, topic)
 
 
+def _masked(value: str | None) -> str | None:
+    """Contacts in the audit log: enough to recognise, not to harvest (no full numbers above DEBUG)."""
+    if not value:
+        return value
+    return value[:3] + "…" + value[-2:] if len(value) > 6 else "…"
+
+
 def _public_app(row: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
     return {"app_id": row["id"], "name": row["name"], "created_at": row["created_at"],
-            "key_rotated_at": row["key_rotated_at"], "devices": row["devices"],
+            "key_rotated_at": row["key_rotated_at"], "secret_rotated_at": row["secret_rotated_at"],
+            "previous_key_valid_until": row["api_key_prev_until"] if (row["api_key_prev_until"] or 0) > now else None,
+            "previous_secret_valid_until": (row["secret_prev_until"]
+                                            if (row["secret_prev_until"] or 0) > now else None),
+            "require_ticket": bool(row["require_ticket"]), "devices": row["devices"],
             "fallback": json.loads(row["fallback"]) if row["fallback"] else None}
 
 

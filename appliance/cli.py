@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,12 @@ class AdminClient:
         return OfflineAccounts(Store(self.cfg.path("store.path"), self.cfg.store.synchronous), cert_store)
 
 
+def _offline_actor() -> str:
+    from appliance.api.admin import unix_actor
+
+    return unix_actor(os.getuid()) + " (offline)"
+
+
 def _admin(args: argparse.Namespace) -> AdminClient:
     return AdminClient(_data_dir(args), _load_config(args))
 
@@ -183,7 +191,8 @@ def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
 
 
 def cmd_app_create(args: argparse.Namespace) -> int:
-    doc = _admin(args).do("POST", "/admin/apps", lambda acc: acc.create_app(args.name).as_json(), {"name": args.name})
+    doc = _admin(args).do("POST", "/admin/apps", lambda acc: acc.create_app(args.name, _offline_actor()).as_json(),
+                          {"name": args.name})
     _print(args, doc, "\n".join(f"{k}: {v}" for k, v in doc.items()) +
            "\n(the API key and the enrollment secret are shown only now)")
     return 0
@@ -195,9 +204,50 @@ def cmd_app_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _until(ts: float | None) -> str:
+    if not ts or ts <= time.time():
+        return "no longer works"
+    return "keeps working until " + dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def cmd_app_rotate(args: argparse.Namespace) -> int:
-    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/rotate-key", lambda acc: acc.rotate_key(args.app))
-    _print(args, doc, f"app_id: {doc['app_id']}\napi_key: {doc['api_key']}\n(the old key no longer works)")
+    body = {"grace_s": args.grace_s} if args.grace_s is not None else {}
+    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/rotate-key",
+                          lambda acc: acc.rotate_key(args.app, args.grace_s, _offline_actor()), body)
+    _print(args, doc, f"app_id: {doc['app_id']}\napi_key: {doc['api_key']}\n"
+                      f"(shown only now; the previous key {_until(doc['previous_valid_until'])})")
+    return 0
+
+
+def cmd_app_rotate_secret(args: argparse.Namespace) -> int:
+    body = {"grace_s": args.grace_s} if args.grace_s is not None else {}
+    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/rotate-secret",
+                          lambda acc: acc.rotate_secret(args.app, args.grace_s, _offline_actor()), body)
+    _print(args, doc, f"app_id: {doc['app_id']}\nenrollment_secret: {doc['enrollment_secret']}\n"
+                      f"(shown only now; the previous secret {_until(doc['previous_valid_until'])})")
+    return 0
+
+
+def cmd_app_enrollment(args: argparse.Namespace) -> int:
+    required = bool(args.require_ticket)
+    doc = _admin(args).do("PUT", f"/admin/apps/{args.app}/enrollment",
+                          lambda acc: acc.set_enrollment(args.app, required, _offline_actor()),
+                          {"require_ticket": required})
+    _print(args, doc, f"{doc['app_id']}: " + ("devices enroll only with a ticket from the app server" if required
+                                                else "devices may enroll with the enrollment secret (anonymous)"))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    query = {k: v for k, v in (("app", args.app), ("limit", args.limit), ("before", args.before)) if v is not None}
+    entries = _admin(args).do("GET", "/admin/audit" + (f"?{urlencode(query)}" if query else ""),
+                              lambda acc: acc.audit(args.app, args.before, args.limit or 100))
+    lines = [f"{e['id']:>6}  {dt.datetime.fromtimestamp(e['at'], dt.timezone.utc):%Y-%m-%d %H:%M:%S}  "
+             f"{e['actor']:<28} {e['action']:<20} {e['app_id'] or '-'}  {e['subject'] or ''}"
+             f"{'  ' + json.dumps(e['detail']) if e['detail'] else ''}" for e in entries]
+    _print(args, entries, "\n".join(lines) or "no audit entries")
     return 0
 
 
@@ -216,7 +266,7 @@ def cmd_app_fallback(args: argparse.Namespace) -> int:
             policy["email_subject"] = args.email_subject
         policy = validate(AppFallbackRequest, {"policy": policy}).policy.model_dump()
     doc = _admin(args).do("PUT", f"/admin/apps/{args.app}/fallback",
-                          lambda acc: acc.set_app_fallback(args.app, policy), {"policy": policy})
+                          lambda acc: acc.set_app_fallback(args.app, policy, _offline_actor()), {"policy": policy})
     _print(args, doc, f"{doc['app_id']}: fallback {json.dumps(doc['fallback'])}")
     return 0
 
@@ -231,7 +281,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
-    doc = _admin(args).do("POST", f"/admin/devices/{args.token}/revoke", lambda acc: acc.revoke(args.token))
+    doc = _admin(args).do("POST", f"/admin/devices/{args.token}/revoke", lambda acc: acc.revoke(args.token, _offline_actor()))
     _print(args, doc, f"revoked {doc['token']}")
     return 0
 
@@ -239,8 +289,12 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
 def cmd_device_simulate(args: argparse.Namespace) -> int:
     from appliance.device import simulate
 
-    return asyncio.run(simulate(args.url, args.app_id, args.secret, args.devices, args.seconds,
-                                args.platform, args.mqtt_host, args.cacert))
+    if (args.secret is None) == (args.ticket is None):
+        return _fail("device simulate needs --secret or --ticket", "--secret enrolls anonymous devices; --ticket "
+                     "(from POST /v1/enrollment-tickets) enrolls one device bound to the ticket's user", 2)
+    credentials = [args.ticket] if args.ticket else [args.secret] * args.devices
+    return asyncio.run(simulate(args.url, args.app_id, credentials, args.seconds, args.platform, args.mqtt_host,
+                                args.cacert))
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -268,9 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.set_defaults(func=cmd_app_create)
     app.add_parser("list", parents=[common], help="list apps").set_defaults(func=cmd_app_list)
-    rotate = app.add_parser("rotate-key", parents=[common], help="issue a new API key; the old one stops working")
+    rotate = app.add_parser("rotate-key", parents=[common],
+                            help="issue a new API key; the previous one keeps working for --grace-s")
     rotate.add_argument("app", help="app id or name")
+    rotate.add_argument("--grace-s", type=int, help="seconds the previous key keeps working (default 86400; "
+                                                    "0 ends it now, e.g. after a leak)")
     rotate.set_defaults(func=cmd_app_rotate)
+    rsecret = app.add_parser("rotate-secret", parents=[common],
+                             help="issue a new enrollment secret; the previous one keeps working for --grace-s")
+    rsecret.add_argument("app", help="app id or name")
+    rsecret.add_argument("--grace-s", type=int, help="seconds the previous secret keeps working (default 2592000, "
+                                                     "30 days: apps in the field carry it; 0 ends it now)")
+    rsecret.set_defaults(func=cmd_app_rotate_secret)
+    enr = app.add_parser("set-enrollment", parents=[common], help="require enrollment tickets, or allow the secret")
+    enr.add_argument("app", help="app id or name")
+    mode = enr.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--require-ticket", action="store_true", help="every enrollment needs a ticket")
+    mode.add_argument("--allow-secret", action="store_true", help="anonymous devices may enroll with the secret")
+    enr.set_defaults(func=cmd_app_enrollment)
 
     fb = app.add_parser("set-fallback", parents=[common], help="default SMS/e-mail fallback for the app's pushes")
     fb.add_argument("app", help="app id or name")
@@ -280,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--email-subject", help="fixed e-mail subject (default: the title)")
     fb.add_argument("--off", action="store_true", help="no default fallback")
     fb.set_defaults(func=cmd_app_fallback)
+
+    audit = sub.add_parser("audit", parents=[common], help="who created, rotated, revoked or deleted what, newest first")
+    audit.add_argument("--app", help="only this app (id or name)")
+    audit.add_argument("--limit", type=int, help="at most this many entries (default 100, at most 1000)")
+    audit.add_argument("--before", type=int, help="entries older than this entry id (paging)")
+    audit.set_defaults(func=cmd_audit)
 
     fbt = sub.add_parser("fallback", help="SMS and e-mail fallback").add_subparsers(dest="sub", required=True)
     ftest = fbt.add_parser("test", parents=[common], help="send a test message through the configured transport")
@@ -306,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--url", default="https://localhost:8443", help="the box's provider API")
     sim.add_argument("--cacert", help="the box's CA (DATA_DIR/certs/ca.pem) to trust for HTTPS")
     sim.add_argument("--app-id", required=True)
-    sim.add_argument("--secret", required=True, help="the app's enrollment secret")
+    sim.add_argument("--secret", help="the app's enrollment secret (anonymous devices)")
+    sim.add_argument("--ticket", help="an enrollment ticket from the app server (one device, bound to its user)")
     sim.add_argument("--devices", type=int, default=1)
     sim.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
     sim.add_argument("--platform", default="desktop", choices=("ios", "android", "web", "desktop"))

@@ -34,21 +34,21 @@ def tls_context(cafile: str | None = None, cadata: str | None = None) -> ssl.SSL
     return ssl.create_default_context(cafile=cafile, cadata=cadata)
 
 
-async def enroll(url: str, app_id: str, secret: str, device_id: str, platform: str = "desktop",
-                 package: str = "com.example.app", alias: str | None = None,
-                 contact: dict[str, str] | None = None, session: aiohttp.ClientSession | None = None,
+async def enroll(url: str, app_id: str, credential: str, device_id: str, platform: str = "desktop",
+                 package: str = "com.example.app", previous: dict[str, str] | None = None,
+                 session: aiohttp.ClientSession | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
-    """POST /v1/devices; returns the enrollment answer (token, mqtt credentials, topics, keepalive, CA)."""
+    """POST /v1/devices with the app's enrollment secret (an anonymous device) or a one-time ticket from the
+    app server (a device bound to a user); `previous` ({"token", "password"}) retires the token it replaces.
+    Returns the enrollment answer (token, mqtt credentials, topics, keepalive, CA)."""
     body: dict[str, Any] = {"app_id": app_id, "platform": platform, "package": package, "device_id": device_id}
-    if alias:
-        body["alias"] = alias
-    if contact:
-        body["contact"] = contact
+    if previous:
+        body["previous"] = previous
     own = session is None
     session = session or aiohttp.ClientSession()
     try:
         async with session.post(f"{url}/v1/devices", json=body, ssl=ssl_context if ssl_context else True,
-                                headers={"Authorization": f"Bearer {secret}"}) as resp:
+                                headers={"Authorization": f"Bearer {credential}"}) as resp:
             doc = await resp.json()
             if resp.status != 201:
                 raise RuntimeError(f"enrollment refused: HTTP {resp.status} {doc}")
@@ -192,15 +192,16 @@ class Device:
         self.connected = False
 
 
-async def simulate(url: str, app_id: str, secret: str, count: int, seconds: float, platform: str,
+async def simulate(url: str, app_id: str, credentials: list[str], seconds: float, platform: str,
                    mqtt_host: str | None, cafile: str | None = None) -> int:
-    """Enroll `count` devices, connect them, print every push they get and ack it as opened."""
+    """Enroll one device per credential (the enrollment secret, or a ticket), connect them, print every push
+    they get and ack it as opened."""
     stop_at = time.monotonic() + seconds if seconds else None
     devices: list[Device] = []
     https = tls_context(cafile=cafile) if url.startswith("https:") else None
     async with aiohttp.ClientSession() as session:
-        for i in range(count):
-            answer = await enroll(url, app_id, secret, f"simulated-{i}", platform, "org.intrapush.simulator",
+        for i, credential in enumerate(credentials):
+            answer = await enroll(url, app_id, credential, f"simulated-{i}", platform, "org.intrapush.simulator",
                                   session=session, ssl_context=https)
 
             def show(doc: dict[str, Any], n: int = i) -> None:
@@ -212,7 +213,8 @@ async def simulate(url: str, app_id: str, secret: str, count: int, seconds: floa
             dev = Device(answer, host=mqtt_host, on_push=show)
             devices.append(dev)
             await dev.connect()
-            print(json.dumps({"device": i, "token": answer["token"], "connected": True}), flush=True)
+            print(json.dumps({"device": i, "token": answer["token"], "alias": answer.get("alias"), "connected": True}),
+                  flush=True)
     try:
         while stop_at is None or time.monotonic() < stop_at:
             await asyncio.sleep(0.2)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,26 @@ class App:
     api_key_hash: str
     enrollment_secret_hash: str
     fallback: dict[str, Any] | None = None
+    # After a rotation the previous key / secret stays valid until its `_until` (epoch seconds).
+    api_key_prev_hash: str | None = None
+    api_key_prev_until: float = 0.0
+    secret_prev_hash: str | None = None
+    secret_prev_until: float = 0.0
+    require_ticket: bool = False
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> App:
+        return cls(row["id"], row["name"], row["api_key_hash"], row["enrollment_secret_hash"],
+                   json.loads(row["fallback"]) if row["fallback"] else None,
+                   row["api_key_prev_hash"], row["api_key_prev_until"] or 0.0,
+                   row["secret_prev_hash"], row["secret_prev_until"] or 0.0, bool(row["require_ticket"]))
+
+    def enrollment_secret_matches(self, secret: str) -> bool:
+        digest = hash_secret(secret)
+        if hmac.compare_digest(digest, self.enrollment_secret_hash):
+            return True
+        return (self.secret_prev_hash is not None and time.time() < self.secret_prev_until
+                and hmac.compare_digest(digest, self.secret_prev_hash))
 
 
 @dataclass(slots=True, eq=False)
@@ -78,33 +100,50 @@ class Directory:
     def __init__(self) -> None:
         self.apps: dict[str, App] = {}
         self.app_by_key: dict[str, str] = {}
+        self.app_by_secret: dict[str, str] = {}
         self.by_token: dict[str, Device] = {}
         self.by_client: dict[str, Device] = {}
         self.by_id: dict[int, Device] = {}
-        self.by_identity: dict[tuple[str, str, str], Device] = {}
         self.app_devices: dict[str, dict[int, Device]] = {}
         self.aliases: dict[tuple[str, str], dict[int, Device]] = {}
         self.topics: dict[tuple[str, str], dict[int, Device]] = {}
 
     # -- apps ------------------------------------------------------------------------------------
     def add_app(self, app: App) -> None:
+        """Add an app, or replace it (after a rotation): its current and previous key both map to it."""
         old = self.apps.get(app.id)
         if old is not None:
-            self.app_by_key.pop(old.api_key_hash, None)
+            for index, digest in ((self.app_by_key, old.api_key_hash), (self.app_by_key, old.api_key_prev_hash),
+                                  (self.app_by_secret, old.enrollment_secret_hash),
+                                  (self.app_by_secret, old.secret_prev_hash)):
+                if digest:
+                    index.pop(digest, None)
         self.apps[app.id] = app
-        self.app_by_key[app.api_key_hash] = app.id
+        for index, digest in ((self.app_by_key, app.api_key_hash), (self.app_by_key, app.api_key_prev_hash),
+                              (self.app_by_secret, app.enrollment_secret_hash),
+                              (self.app_by_secret, app.secret_prev_hash)):
+            if digest:
+                index[digest] = app.id
         self.app_devices.setdefault(app.id, {})
 
     def app_for_key(self, api_key: str) -> App | None:
-        app_id = self.app_by_key.get(hash_secret(api_key))
-        return self.apps.get(app_id) if app_id else None
+        digest = hash_secret(api_key)
+        app_id = self.app_by_key.get(digest)
+        app = self.apps.get(app_id) if app_id else None
+        if app is not None and digest != app.api_key_hash and time.time() >= app.api_key_prev_until:
+            return None  # the previous key, past its grace period
+        return app
+
+    def app_for_secret(self, secret: str) -> App | None:
+        app_id = self.app_by_secret.get(hash_secret(secret))
+        app = self.apps.get(app_id) if app_id else None
+        return app if app is not None and app.enrollment_secret_matches(secret) else None
 
     # -- devices ---------------------------------------------------------------------------------
     def add_device(self, device: Device) -> None:
         self.by_token[device.token] = device
         self.by_client[device.client_id] = device
         self.by_id[device.id] = device
-        self.by_identity[(device.app_id, device.package, device.device_id)] = device
         self.app_devices.setdefault(device.app_id, {})[device.id] = device
         if device.alias:
             self.aliases.setdefault((device.app_id, device.alias), {})[device.id] = device
@@ -113,20 +152,28 @@ class Directory:
         self.by_token.pop(device.token, None)
         self.by_client.pop(device.client_id, None)
         self.by_id.pop(device.id, None)
-        if self.by_identity.get((device.app_id, device.package, device.device_id)) is device:
-            del self.by_identity[(device.app_id, device.package, device.device_id)]
         self.app_devices.get(device.app_id, {}).pop(device.id, None)
-        if device.alias:
-            members = self.aliases.get((device.app_id, device.alias), {})
-            members.pop(device.id, None)
-            if not members:
-                self.aliases.pop((device.app_id, device.alias), None)
+        self._unindex_alias(device)
         for topic in device.topics:
             subs = self.topics.get((device.app_id, topic), {})
             subs.pop(device.id, None)
             if not subs:
                 self.topics.pop((device.app_id, topic), None)
         device.topics.clear()
+
+    def set_identity(self, device: Device, alias: str | None, phone: str | None, email: str | None) -> None:
+        """Bind the device to another user (alias) and contact, as the provider said."""
+        self._unindex_alias(device)
+        device.alias, device.phone, device.email = alias, phone, email
+        if alias:
+            self.aliases.setdefault((device.app_id, alias), {})[device.id] = device
+
+    def _unindex_alias(self, device: Device) -> None:
+        if device.alias:
+            members = self.aliases.get((device.app_id, device.alias), {})
+            members.pop(device.id, None)
+            if not members:
+                self.aliases.pop((device.app_id, device.alias), None)
 
     def subscribe(self, device: Device, topic: str) -> None:
         self.topics.setdefault((device.app_id, topic), {})[device.id] = device

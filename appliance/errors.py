@@ -51,6 +51,15 @@ FALLBACK_UNAVAILABLE = _kind(40011, 400, "fallback_unavailable", "a fallback cha
 WRONG_CONTENT_TYPE = _kind(40010, 415, "wrong_content_type", "the request body must be application/json")
 MISSING_CREDENTIALS = _kind(40101, 401, "missing_credentials", "send Authorization: Bearer <key>")
 WRONG_CREDENTIALS = _kind(40102, 401, "wrong_credentials", "the key is not valid for this app")
+TICKET_UNKNOWN = _kind(40103, 401, "ticket_unknown", "the enrollment ticket was never issued for this app")
+TICKET_EXPIRED = _kind(40104, 401, "ticket_expired", "the enrollment ticket has expired; ask the app server for a new one")
+TICKET_USED = _kind(40105, 401, "ticket_used", "the enrollment ticket was already redeemed; tickets work once")
+WRONG_PREVIOUS = _kind(40106, 401, "wrong_previous_credentials",
+                       "`previous` does not name an active device of this app with that MQTT password")
+TICKET_REQUIRED = _kind(40301, 403, "ticket_required", "this app enrolls devices only with an enrollment ticket")
+IDENTITY_NEEDS_TICKET = _kind(40302, 403, "identity_needs_ticket",
+                              "alias and contact are bound by the app server (a ticket or PUT /v1/devices/{token}/identity), "
+                              "never by the device")
 APP_NOT_FOUND = _kind(40401, 404, "app_not_found", "no app with that id")
 MESSAGE_NOT_FOUND = _kind(40402, 404, "message_not_found", "no message with that id for this app")
 DEVICE_NOT_FOUND = _kind(40403, 404, "device_not_found", "no device with that token")

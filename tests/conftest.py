@@ -109,10 +109,19 @@ class Box:
         return json.loads(self.cli("app", "create", name, "--json").stdout)
 
     def enroll(self, app: dict[str, str], device_id: str, platform: str = "android", **extra: Any) -> dict[str, Any]:
+        """Enroll a device with the app's secret; with `alias` or `contact`, the way the provider binds them:
+        a ticket minted with the API key."""
+        identity = {k: extra.pop(k) for k in ("alias", "contact") if k in extra}
+        credential = self.ticket(app, **identity)["ticket"] if identity else app["enrollment_secret"]
         body = {"app_id": app["app_id"], "platform": platform, "package": "com.example.app",
                 "device_id": device_id, **extra}
-        r = httpx.post(f"{self.url}/v1/devices", json=body,
-                       headers={"Authorization": f"Bearer {app['enrollment_secret']}"})
+        r = httpx.post(f"{self.url}/v1/devices", json=body, headers={"Authorization": f"Bearer {credential}"})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def ticket(self, app: dict[str, str], **binding: Any) -> dict[str, Any]:
+        with self.api(app) as api:
+            r = api.post("/v1/enrollment-tickets", json=binding)
         assert r.status_code == 201, r.text
         return r.json()
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from appliance.api.schemas import EnrollRequest, PushBatch, PushMessage, Subscribers
+from appliance.api.schemas import EnrollRequest, IdentityRequest, PushBatch, PushMessage, Subscribers, TicketRequest
 from appliance.errors import CATALOG
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -27,7 +27,8 @@ def _answers(ok: int, description: str, codes: list[int]) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (EnrollRequest, PushMessage, PushBatch, Subscribers)],
+        [(m, "validation") for m in (EnrollRequest, TicketRequest, IdentityRequest, PushMessage, PushBatch,
+                                     Subscribers)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = defs.get("$defs", {})
@@ -37,7 +38,9 @@ def openapi_document() -> dict[str, Any]:
         "properties": {"code": {"type": "integer"}, "http": {"type": "integer"}, "error": {"type": "string"},
                        "link": {"type": "string"}},
     }
-    auth = [{"bearer": []}]
+    auth = [{"apiKey": []}]
+    enroller = [{"enrollmentCredential": []}]
+    token = {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
     common = [40001, 40002, 40010, 40101, 40102, 41301]
     mid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     topic = {"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -46,16 +49,32 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "intrapush provider API", "version": "1",
                  "description": "Send pushes to enrolled devices; see docs/provider-api.md."},
         "components": {"schemas": schemas,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {
+                           "apiKey": {"type": "http", "scheme": "bearer",
+                                      "description": "the app's API key (ak_…), held only by the app server"},
+                           "enrollmentCredential": {"type": "http", "scheme": "bearer",
+                                                    "description": "a one-time enrollment ticket (et_…) or the "
+                                                                   "app's enrollment secret (es_…)"}}},
         "paths": {
             "/v1/devices": {"post": {
-                "summary": "Enroll a device (Bearer: the app's enrollment secret)", "security": auth,
+                "summary": "Enroll a device (Bearer: a ticket, or the app's enrollment secret)", "security": enroller,
                 "requestBody": _body("EnrollRequest"),
-                "responses": _answers(201, "token, MQTT credentials, topics, keepalive", common)}},
-            "/v1/devices/{token}": {"get": {
-                "summary": "A device's presence", "security": auth,
-                "parameters": [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": _answers(200, "device", [40101, 40102, 41001])}},
+                "responses": _answers(201, "token, MQTT credentials, topics, keepalive, alias, replaced",
+                                      common + [40103, 40104, 40105, 40106, 40301, 40302])}},
+            "/v1/enrollment-tickets": {"post": {
+                "summary": "Mint a one-time enrollment ticket bound to a user (alias) and contact", "security": auth,
+                "requestBody": _body("TicketRequest"),
+                "responses": _answers(201, "ticket, expires_at, alias", common)}},
+            "/v1/devices/{token}": {
+                "get": {"summary": "A device's user, contact and presence", "security": auth,
+                        "parameters": [token], "responses": _answers(200, "device", [40101, 40102, 41001])},
+                "delete": {"summary": "Unregister one of the app's devices", "security": auth,
+                           "parameters": [token], "responses": _answers(200, "token, unregistered_at",
+                                                                        [40101, 40102, 41001])}},
+            "/v1/devices/{token}/identity": {"put": {
+                "summary": "Bind a device to a user and contact, or clear them", "security": auth,
+                "parameters": [token], "requestBody": _body("IdentityRequest"),
+                "responses": _answers(200, "token, alias, contact", common + [41001])}},
             "/v1/messages": {"post": {
                 "summary": "Send one push, or up to api.max_batch in {\"messages\": [...]}", "security": auth,
                 "requestBody": _body({"oneOf": [{"$ref": "#/components/schemas/PushMessage"},

@@ -10,15 +10,19 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from appliance import errors as E
-from appliance.accounts import Accounts
-from appliance.api.schemas import Contact, EnrollRequest, PushBatch, PushMessage, Subscribers, Target
+from appliance.accounts import Accounts, Enrollment
+from appliance.api.schemas import (Contact, EnrollRequest, IdentityRequest, PushBatch, PushMessage, Subscribers, Target,
+                                   TicketRequest)
 from appliance.broker import topics
-from appliance.directory import App, Device, Directory, secret_matches
+from appliance.directory import App, Device, Directory, hash_secret, secret_matches
 from appliance.dispatch import Accepted, Dispatcher, is_message_id
 from appliance.errors import ApiError
 from appliance.store import Store
 from appliance.store import devices as sql_devices
 from appliance.store import messages as sql_messages
+from appliance.store import tickets as sql_tickets
+
+TICKET_PREFIX = "et_"
 
 
 @dataclass
@@ -79,7 +83,10 @@ class ProviderApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/devices", self.handle_enroll),
+            web.post("/v1/enrollment-tickets", self.handle_mint_ticket),
             web.get("/v1/devices/{token}", self.handle_device),
+            web.delete("/v1/devices/{token}", self.handle_unregister),
+            web.put("/v1/devices/{token}/identity", self.handle_identity),
             web.post("/v1/messages", self.handle_send),
             web.get("/v1/messages/{id}", self.handle_status),
             web.delete("/v1/messages/{id}", self.handle_cancel),
@@ -95,13 +102,38 @@ class ProviderApi:
         return app
 
     # -- enrollment ------------------------------------------------------------------------------
+    async def _enroller(self, request: web.Request) -> tuple[App, str | None]:
+        """Who vouches for the device, checked before the body is read: a ticket its app server minted, or
+        the app's enrollment secret (current, or the previous one within its grace period)."""
+        credential = bearer(request)
+        if credential.startswith(TICKET_PREFIX):
+            row = await self.store.read(sql_tickets.find_ticket, hash_secret(credential))
+            app = self.directory.apps.get(row["app_id"]) if row is not None else None
+            if app is None:
+                raise ApiError(E.TICKET_UNKNOWN)
+            return app, credential
+        app = self.directory.app_for_secret(credential)
+        if app is None:
+            raise ApiError(E.WRONG_CREDENTIALS, "the enrollment secret is not valid (rotated or never issued)")
+        if app.require_ticket:
+            raise ApiError(E.TICKET_REQUIRED, f"app {app.id} enrolls devices only with a ticket from its app server")
+        return app, None
+
     async def handle_enroll(self, request: web.Request) -> web.Response:
-        secret = bearer(request)
+        app, ticket = await self._enroller(request)
         req: EnrollRequest = validate(EnrollRequest, await read_json(request))
-        app = self.directory.apps.get(req.app_id)
-        if app is None or not secret_matches(secret, app.enrollment_secret_hash):
-            raise ApiError(E.WRONG_CREDENTIALS, "the enrollment secret is not valid for this app_id")
-        device, password = await self.accounts.enroll(app, req.model_dump())
+        if req.app_id != app.id:
+            raise ApiError(E.WRONG_CREDENTIALS, "the credential is not valid for this app_id")
+        if req.alias is not None or req.contact is not None:
+            raise ApiError(E.IDENTITY_NEEDS_TICKET)
+        previous = None
+        if req.previous is not None:
+            previous = self.directory.by_token.get(req.previous.token)
+            if (previous is None or previous.app_id != app.id
+                    or not secret_matches(req.previous.password, previous.password_hash)):
+                raise ApiError(E.WRONG_PREVIOUS)
+        device, password, replaced = await self.accounts.enroll(
+            Enrollment(app, req.platform, req.package, req.device_id, ticket, previous))
         host = self.settings.public_host or (request.url.host or "localhost")
         cid = device.client_id
         answer: dict[str, Any] = {
@@ -113,6 +145,8 @@ class ProviderApi:
             "ack_topic": topics.ack_topic(cid),
             "status_topic": topics.status_topic(cid),
             "keepalive_s": self.settings.keepalive[device.platform],
+            "alias": device.alias,
+            "replaced": replaced,
         }
         if self.settings.websocket_url:
             answer["websocket_url"] = self.settings.websocket_url.format(host=host)
@@ -120,16 +154,41 @@ class ProviderApi:
             answer.update(self.settings.tls_info)
         return web.json_response(answer, status=201)
 
+    async def handle_mint_ticket(self, request: web.Request) -> web.Response:
+        """The app server vouches for a user: the device that redeems this ticket is bound to its alias and
+        contact."""
+        app = self._app(request)
+        req: TicketRequest = validate(TicketRequest, await read_json(request))
+        contact = req.contact or Contact()
+        doc = await self.accounts.mint_ticket(app, req.alias, contact.phone, contact.email, req.ttl_s)
+        return web.json_response(doc, status=201)
+
     async def handle_device(self, request: web.Request) -> web.Response:
         app = self._app(request)
         device = await self._own_device(app, request.match_info["token"])
         online = self.dispatcher.online.get(device.id)
         return web.json_response({
             "token": device.token, "platform": device.platform, "alias": device.alias,
+            "contact": {"phone": device.phone, "email": device.email},
             "online": online is not None, "subscribed": online is not None and online.link.subscribed,
             "last_seq": device.last_seq,
             "topics": sorted(device.topics),
         })
+
+    async def handle_identity(self, request: web.Request) -> web.Response:
+        """Bind one of the app's devices to a user and contact, or clear them (null)."""
+        app = self._app(request)
+        device = await self._own_device(app, request.match_info["token"])
+        req: IdentityRequest = validate(IdentityRequest, await read_json(request))
+        contact = req.contact or Contact()
+        await self.accounts.set_identity(app, device, req.alias, contact.phone, contact.email)
+        return web.json_response({"token": device.token, "alias": device.alias,
+                                  "contact": {"phone": device.phone, "email": device.email}})
+
+    async def handle_unregister(self, request: web.Request) -> web.Response:
+        app = self._app(request)
+        device = await self._own_device(app, request.match_info["token"])
+        return web.json_response(await self.accounts.unregister(app, device.token))
 
     async def _own_device(self, app: App, token: str) -> Device:
         device = self.directory.by_token.get(token)

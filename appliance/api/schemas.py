@@ -19,12 +19,45 @@ class Contact(Strict):
     email: str | None = Field(None, pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$", max_length=254)
 
 
+def _alias() -> Any:
+    return Field(None, min_length=1, max_length=128, description="the user, e.g. an employee id")
+
+
+class PreviousDevice(Strict):
+    """The credentials of the token this enrollment replaces (kept by the app across an update or restore)."""
+
+    token: str = Field(..., min_length=1, max_length=128)
+    password: str = Field(..., min_length=1, max_length=256, description="the MQTT password it was given")
+
+
 class EnrollRequest(Strict):
     app_id: str = Field(..., min_length=1, max_length=64)
     platform: Literal["ios", "android", "web", "desktop"]
     package: str = Field(..., pattern=NAME_PATTERN, description="bundle id / package name")
     device_id: str = Field(..., min_length=1, max_length=200, description="stable per install")
-    alias: str | None = Field(None, min_length=1, max_length=128, description="e.g. the user's employee id")
+    previous: PreviousDevice | None = Field(None, description="retire this token, carrying its alias, contact "
+                                                                "and topics over to the new one")
+    # Refused unless empty (403 identity_needs_ticket): kept here so that old clients get that clear answer.
+    alias: str | None = _alias()
+    contact: Contact | None = None
+
+
+TICKET_TTL_DEFAULT_S = 900
+TICKET_TTL_MAX_S = 7 * 86400
+
+
+class TicketRequest(Strict):
+    """What the app server binds a device to when it redeems the ticket."""
+
+    alias: str | None = _alias()
+    contact: Contact | None = None
+    ttl_s: int = Field(TICKET_TTL_DEFAULT_S, ge=1, le=TICKET_TTL_MAX_S, description="seconds until it expires")
+
+
+class IdentityRequest(Strict):
+    """A device's user and fallback contact, set (or cleared with null) by the app server."""
+
+    alias: str | None = _alias()
     contact: Contact | None = None
 
 
@@ -92,3 +125,12 @@ class Subscribers(Strict):
 
 class NewAppRequest(Strict):
     name: str = Field(..., pattern=NAME_PATTERN)
+
+
+class RotateRequest(Strict):
+    grace_s: int | None = Field(None, ge=0, le=365 * 86400,
+                                description="how long the previous key or secret keeps working; 0 ends it now")
+
+
+class EnrollmentPolicyRequest(Strict):
+    require_ticket: bool

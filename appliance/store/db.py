@@ -119,6 +119,40 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE devices ADD COLUMN mqtt_password_pbkdf2 TEXT;
     """,
+    # 4: the provider binds identity (#9): one-time enrollment tickets, secrets that roll over with a grace
+    # period, an audit log, and (package, device_id) no longer unique: knowing it must not retire a device
+    """
+    ALTER TABLE apps ADD COLUMN api_key_prev_hash TEXT;
+    ALTER TABLE apps ADD COLUMN api_key_prev_until REAL;
+    ALTER TABLE apps ADD COLUMN secret_prev_hash TEXT;
+    ALTER TABLE apps ADD COLUMN secret_prev_until REAL;
+    ALTER TABLE apps ADD COLUMN secret_rotated_at REAL;
+    ALTER TABLE apps ADD COLUMN require_ticket INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE enrollment_tickets (
+        ticket_hash TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id),
+        alias TEXT,
+        phone TEXT,
+        email TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        redeemed_at REAL,
+        device INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX enrollment_tickets_expiry ON enrollment_tickets(expires_at);
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        app_id TEXT,
+        subject TEXT,
+        detail TEXT
+    );
+    CREATE INDEX audit_log_app ON audit_log(app_id, id);
+    DROP INDEX devices_identity;
+    CREATE INDEX devices_identity ON devices(app_id, package, device_id) WHERE retired_at IS NULL;
+    """,
 )
 
 CHECKPOINT_EVERY_S = 1.0

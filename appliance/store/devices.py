@@ -30,6 +30,15 @@ SQL_UNSUBSCRIBE = "DELETE FROM topic_subscribers WHERE app_id = ? AND topic = ? 
 SQL_UNSUBSCRIBE_DEVICE = "DELETE FROM topic_subscribers WHERE device = ?"
 SQL_RETIRE_DELIVERIES = "UPDATE deliveries SET state = 7, updated_at = ? WHERE device = ? AND state < 2"
 SQL_LAST_SEEN = "UPDATE devices SET last_seen = ? WHERE id = ?"
+SQL_SET_IDENTITY = "UPDATE devices SET alias = ?, phone = ?, email = ? WHERE id = ? AND retired_at IS NULL"
+SQL_CARRY_SUBSCRIPTIONS = """
+INSERT OR IGNORE INTO topic_subscribers (app_id, topic, device) SELECT app_id, topic, ? FROM topic_subscribers
+WHERE device = ?
+"""
+SQL_SAME_USER_DEVICE = """
+SELECT id FROM devices WHERE app_id = ? AND package = ? AND device_id = ? AND alias = ? AND retired_at IS NULL
+ORDER BY id
+"""
 SQL_BROKER_CREDENTIALS = "SELECT client_id, mqtt_password_pbkdf2 FROM devices WHERE retired_at IS NULL"
 
 
@@ -49,11 +58,25 @@ def retire_device(conn: sqlite3.Connection, device: int, reason: str, now: float
     conn.execute(SQL_UNSUBSCRIBE_DEVICE, (device,))
 
 
-def enroll_device(conn: sqlite3.Connection, row: dict[str, Any], replaces: int | None) -> int:
-    """Retire the device's previous token (if any) and insert the new one, in one transaction."""
-    if replaces is not None:
-        retire_device(conn, replaces, "reenrolled", row["created_at"])
-    return insert_device(conn, row)
+def enroll_device(conn: sqlite3.Connection, row: dict[str, Any], replaces: list[int]) -> int:
+    """Insert the new token and retire the ones it replaces (their topic subscriptions move to it), in one
+    transaction."""
+    device = insert_device(conn, row)
+    for old in replaces:
+        conn.execute(SQL_CARRY_SUBSCRIPTIONS, (device, old))
+        retire_device(conn, old, "reenrolled", row["created_at"])
+    return device
+
+
+def same_user_devices(conn: sqlite3.Connection, app_id: str, package: str, device_id: str, alias: str) -> list[int]:
+    """Active devices of one install (package, device_id) bound to this alias: what a ticket for the same
+    user replaces when the app is reinstalled."""
+    return [r[0] for r in conn.execute(SQL_SAME_USER_DEVICE, (app_id, package, device_id, alias))]
+
+
+def set_identity(conn: sqlite3.Connection, device: int, alias: str | None, phone: str | None,
+                 email: str | None) -> bool:
+    return conn.execute(SQL_SET_IDENTITY, (alias, phone, email, device)).rowcount == 1
 
 
 def select_active_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ def test_apps_and_keys_through_the_running_daemon(box: Box) -> None:
     dup = box.cli("app", "create", "shop", check=False)
     assert dup.returncode == 1 and "exists" in dup.stderr
     e = box.enroll(app, "d1")
-    rotated = json.loads(box.cli("app", "rotate-key", "shop", "--json").stdout)
+    rotated = json.loads(box.cli("app", "rotate-key", "shop", "--grace-s", "0", "--json").stdout)
     body = {"to": {"token": e["token"]}, "title": "x"}
     old = httpx.post(f"{box.url}/v1/messages", json=body, headers={"Authorization": f"Bearer {app['api_key']}"})
     new = httpx.post(f"{box.url}/v1/messages", json=body, headers={"Authorization": f"Bearer {rotated['api_key']}"})

@@ -187,8 +187,8 @@ def test_reenrolled_device_gets_a_new_token_and_the_old_one_answers_410(shared_b
     app = new_app(shared_box)
     old = shared_box.enroll(app, "phone-re")
     old_device = PahoDevice(old, shared_box.mqtt_port).connect()
-    new = shared_box.enroll(app, "phone-re")
-    assert new["token"] != old["token"]
+    new = shared_box.enroll(app, "phone-re", previous={"token": old["token"], "password": old["mqtt"]["password"]})
+    assert new["token"] != old["token"] and new["replaced"] == [old["token"]]
     assert old_device.disconnects.get(timeout=5) is not None  # the old connection is closed
     with shared_box.api(app) as api:
         r = api.post("/v1/messages", json={"to": {"token": old["token"]}, "title": "x"})
