@@ -18,6 +18,7 @@ from aiohttp import web
 from appliance import metrics
 from appliance.accounts import Accounts
 from appliance.api.admin import AdminApi
+from appliance.api.openapi import ApiLimits
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
@@ -159,7 +160,9 @@ class Daemon:
                        "web": b.keepalive_web_s, "desktop": b.keepalive_desktop_s},
         )
         provider = ProviderApi(settings, self.directory, dispatcher, store, accounts)
-        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics)
+        contract = ApiLimits(cfg.api.max_body_bytes, cfg.api.max_batch, cfg.api.max_tokens, cfg.push.max_ttl_s,
+                             cfg.push.max_payload_bytes)
+        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics, contract)
         runner = web.AppRunner(http, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)

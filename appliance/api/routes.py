@@ -9,7 +9,7 @@ from importlib import resources
 from aiohttp import web
 
 from appliance import errors as E
-from appliance.api.openapi import openapi_document
+from appliance.api.openapi import ApiLimits, openapi_document
 from appliance.errors import ApiError
 
 log = logging.getLogger("appliance.api")
@@ -45,12 +45,12 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def build_provider_app(routes: list[web.RouteDef], max_body_bytes: int,
-                       metrics: Callable[[], str]) -> web.Application:
+                       metrics: Callable[[], str], contract: ApiLimits | None = None) -> web.Application:
     app = web.Application(middlewares=[handle_errors], client_max_size=max_body_bytes)
     app[MAX_BODY] = max_body_bytes
     app.add_routes(routes)
     docs_html = resources.files("appliance").joinpath("static/docs.html").read_text(encoding="utf-8")
-    document = openapi_document()
+    document = openapi_document(contract)
 
     async def handle_openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
