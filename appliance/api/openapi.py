@@ -145,8 +145,8 @@ def _component_schemas(limits: ApiLimits) -> dict[str, Any]:
     schemas["PushBatch"]["properties"]["messages"]["items"] = {"$ref": REF.format(model="BatchedMessage")}
     schemas["PushBatch"]["properties"]["messages"]["maxItems"] = limits.max_batch
     schemas["PushMessage"]["properties"]["ttl_s"]["anyOf"][0]["maximum"] = limits.max_ttl_s
-    schemas["PushMessage"]["description"] = (f"The push as the device receives it is at most {limits.max_payload_bytes} "
-                                             "bytes (push.max_payload_bytes)")
+    schemas["PushMessage"]["description"] = (f"The push as the device receives it is at most "
+                                             f"{limits.max_payload_bytes} bytes (push.max_payload_bytes)")
     schemas["Target"]["properties"]["tokens"]["maxItems"] = limits.max_tokens
     schemas["Subscribers"]["properties"]["tokens"]["maxItems"] = limits.max_tokens
     return schemas

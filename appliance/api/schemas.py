@@ -54,6 +54,9 @@ class PreviousDevice(Strict):
 
 
 class EnrollRequest(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"app_id": "app_0123456789ab", "platform": "android", "package": "com.corp.app", "device_id": "install-1"}]})
+
     app_id: str = Field(..., min_length=1, max_length=64)
     platform: Literal["ios", "android", "web", "desktop"]
     package: str = Field(..., pattern=NAME_PATTERN, description="bundle id / package name")
@@ -72,6 +75,10 @@ TICKET_TTL_MAX_S = 7 * 86400
 class TicketRequest(Strict):
     """What the app server binds a device to when it redeems the ticket."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"alias": "emp-4711", "contact": {"phone": "+4915112345678"}, "ttl_s": 900}]})
+
+
     alias: str | None = _alias()
     contact: Contact | None = None
     ttl_s: Integer = Field(TICKET_TTL_DEFAULT_S, ge=1, le=TICKET_TTL_MAX_S, description="seconds until it expires")
@@ -79,6 +86,10 @@ class TicketRequest(Strict):
 
 class IdentityRequest(Strict):
     """A device's user and fallback contact, set (or cleared with null) by the app server."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"alias": "emp-4711", "contact": {"email": "a@corp.example"}}]})
+
 
     alias: str | None = _alias()
     contact: Contact | None = None
@@ -139,14 +150,15 @@ class PushMessage(Strict):
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": ["title"], "properties": {"title": {"type": "string"}}},
         {"required": ["body"], "properties": {"body": {"type": "string"}}},
-        {"required": ["data"], "properties": {"data": {"type": "object", "minProperties": 1}}}]})
+        {"required": ["data"], "properties": {"data": {"type": "object", "minProperties": 1}}}],
+        "examples": [{"to": {"topic": "hall-b"}, "title": "Shift change", "body": "Hall B at 14:00", "ttl_s": 3600}]})
 
     to: Target
     title: str | None = Field(None, max_length=1024)
     body: str | None = Field(None, max_length=4096)
     data: dict[str, Any] | None = None
-    ttl_s: Annotated[int, Field(ge=0), BeforeValidator(_integral)] | None = Field(None, description="at most push.max_ttl_s; 0: deliver to connected devices now "
-                                                       "or never")
+    ttl_s: Annotated[int, Field(ge=0), BeforeValidator(_integral)] | None = Field(
+        None, description="at most push.max_ttl_s; 0: deliver to connected devices now or never")
     priority: Literal["high", "normal"] | None = None
     collapse_key: str | None = Field(None, min_length=1, max_length=64)
     fallback: FallbackPolicy | None = None
@@ -159,10 +171,16 @@ class PushMessage(Strict):
 
 
 class PushBatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"to": {"token": "dt_a"}, "body": "Hall B"}, {"to": {"all": True}, "title": "Shift change"}]}]})
+
+
     messages: list[PushMessage] = Field(..., min_length=1, description="at most api.max_batch")
 
 
 class Subscribers(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": ["dt_a"]}]})
+
     tokens: list[str] = Field(..., min_length=1, description="at most api.max_tokens")
 
 
@@ -330,7 +348,8 @@ class MessageStatus(Answer):
     tokens: dict[str, TokenState] | None = Field(None, description="up to push.status_detail_limit targets")
     fallback_sent: int
     fallback_failed: int
-    fallback: dict[str, ChannelCounts] | None = Field(None, description="per channel, with fallback")  # type: ignore[valid-type]
+    fallback: dict[str, ChannelCounts] | None = Field(  # type: ignore[valid-type]
+        None, description="per channel, with fallback")
 
 
 class Cancelled(Answer):
