@@ -257,9 +257,10 @@ class ProviderApi:
             return list(d.topics.get((app.id, to.topic), {}).values()), [], {"topic": to.topic}
         if to.alias is not None:
             return list(d.aliases.get((app.id, to.alias), {}).values()), [], {"alias": to.alias}
+        # Counted as sent, repeats included: the description's maxItems (#16).
+        if to.tokens is not None and len(to.tokens) > self.settings.max_tokens:
+            raise ApiError(E.TOO_MANY_TOKENS, f"{len(to.tokens)} tokens; at most {self.settings.max_tokens}")
         tokens = [to.token] if to.token is not None else list(dict.fromkeys(to.tokens or []))
-        if len(tokens) > self.settings.max_tokens:
-            raise ApiError(E.TOO_MANY_TOKENS, f"{len(tokens)} tokens; at most {self.settings.max_tokens}")
         found, missing = [], []
         for token in tokens:
             device = d.by_token.get(token) if isinstance(token, str) else None

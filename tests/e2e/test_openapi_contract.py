@@ -209,3 +209,14 @@ def test_email_whitespace_means_the_same_to_box_and_description(box: Box, docume
         r = api.put("/v1/aliases/emp-1/contact", json={"email": email})
     assert r.status_code == (200 if described else 400), r.text
 
+
+
+def test_tokens_over_api_max_tokens_are_refused_even_when_they_repeat(box: Box) -> None:
+    # The description says maxItems: api.max_tokens (4 here) for `to.tokens`; the box counted after removing
+    # repeats, so five copies of one token got through.
+    app = box.create_app("repeat-tokens")
+    device = box.enroll(app, "d")
+    with box.api(app) as api:
+        r = api.post("/v1/messages", json={"to": {"tokens": [device["token"]] * 5}, "title": "t"})
+        assert (r.status_code, r.json()["code"]) == (400, 40007)
+        assert api.post("/v1/messages", json={"to": {"tokens": [device["token"]] * 4}, "title": "t"}).status_code == 202
