@@ -238,6 +238,26 @@ def cmd_app_enrollment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app_limits(args: argparse.Namespace) -> int:
+    def value(raw: str | None) -> float | None:
+        return None if raw in (None, "default") else float(raw)
+
+    try:
+        body = {"pushes_per_s": value(args.pushes_per_s), "targets_per_min": value(args.targets_per_min)}
+    except ValueError:
+        return _fail("app set-limits: a limit is a number, 0 (no limit) or `default`", "", 2)
+    doc = _admin(args).do("PUT", f"/admin/apps/{args.app}/limits",
+                          lambda acc: acc.set_limits(args.app, body["pushes_per_s"], body["targets_per_min"],
+                                                     _offline_actor()), body)
+
+    def show(v: float | None) -> str:
+        return "the box's default" if v is None else "no limit" if v == 0 else f"{v:g}"
+
+    _print(args, doc, f"{doc['app_id']}: pushes per second: {show(doc['pushes_per_s'])}; "
+                      f"targets per minute: {show(doc['targets_per_min'])}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
@@ -349,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--email-subject", help="fixed e-mail subject (default: the title)")
     fb.add_argument("--off", action="store_true", help="no default fallback")
     fb.set_defaults(func=cmd_app_fallback)
+
+    lim = app.add_parser("set-limits", parents=[common], help="the app's send limits (429 when over)")
+    lim.add_argument("app", help="app id or name")
+    lim.add_argument("--pushes-per-s", default="default", help="pushes accepted per second; 0: no limit; "
+                                                               "default: limits.app_pushes_per_s")
+    lim.add_argument("--targets-per-min", default="default", help="devices reached per minute; 0: no limit; "
+                                                                  "default: limits.app_targets_per_min")
+    lim.set_defaults(func=cmd_app_limits)
 
     audit = sub.add_parser("audit", parents=[common], help="who created, rotated, revoked or deleted what, newest first")
     audit.add_argument("--app", help="only this app (id or name)")

@@ -110,6 +110,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("fallback.sms", "rate_per_min", 30.0, "most SMS started per minute; a burst waits in the store", minimum=0.01),
     S("fallback.email", "transport", "", "e-mail transport; empty turns e-mail fallback off", choices=("", "smtp")),
     S("fallback.email", "rate_per_min", 120.0, "most e-mails started per minute; a burst waits in the store", minimum=0.01),
+    # --- limits ---------------------------------------------------------------------------------
+    # Off by default: one box usually serves a few known apps; a site that hosts many sets these so that one
+    # app's burst cannot take the writer from the others (per app: `intrapush app set-limits`).
+    S("limits", "app_pushes_per_s", 0.0, "pushes one app may send per second (429 beyond); 0 is no limit", minimum=0),
+    S("limits", "app_targets_per_min", 0.0, "devices one app's pushes may reach per minute (429 beyond); 0 is no limit",
+      minimum=0),
     # --- log ------------------------------------------------------------------------------------
     S("log", "level", "info", "log level", choices=("debug", "info", "warning", "error")),
     S("log", "format", "text", "log format", choices=("text", "json")),

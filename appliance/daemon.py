@@ -18,6 +18,7 @@ from aiohttp import web
 from appliance import metrics
 from appliance.accounts import Accounts
 from appliance.api.admin import AdminApi
+from appliance.api.limits import Limits
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
@@ -158,7 +159,8 @@ class Daemon:
             keepalive={"ios": b.keepalive_ios_s, "android": b.keepalive_android_s,
                        "web": b.keepalive_web_s, "desktop": b.keepalive_desktop_s},
         )
-        provider = ProviderApi(settings, self.directory, dispatcher, store, accounts)
+        provider = ProviderApi(settings, self.directory, dispatcher, store, accounts,
+                               Limits(cfg.limits.app_pushes_per_s, cfg.limits.app_targets_per_min))
         http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics)
         runner = web.AppRunner(http, access_log=None, handle_signals=False)
         await runner.setup()

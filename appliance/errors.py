@@ -68,6 +68,8 @@ METHOD_NOT_ALLOWED = _kind(40501, 405, "method_not_allowed", "the endpoint does 
 APP_EXISTS = _kind(40902, 409, "app_exists", "an app with that name exists")
 UNREGISTERED = _kind(41001, 410, "unregistered", "the token is no longer valid; stop sending to it")
 BODY_TOO_LARGE = _kind(41301, 413, "body_too_large", "the request body is larger than api.max_body_bytes")
+RATE_LIMITED = _kind(42902, 429, "rate_limited",
+                     "the app is over its send limit (pushes per second or targets per minute); retry after Retry-After")
 INTERNAL = _kind(50001, 500, "internal", "internal error; the box logged the details")
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance import errors as E
 from appliance.accounts import Accounts, Enrollment
+from appliance.api.limits import Limits, SendLimits
 from appliance.api.schemas import (Contact, EnrollRequest, IdentityRequest, PushBatch, PushMessage, Subscribers, Target,
                                    TicketRequest)
 from appliance.broker import topics
@@ -73,12 +74,16 @@ def validate(model: type[BaseModel], doc: Any) -> Any:
 
 class ProviderApi:
     def __init__(self, settings: ProviderSettings, directory: Directory, dispatcher: Dispatcher, store: Store,
-                 accounts: Accounts) -> None:
+                 accounts: Accounts, limits: Limits | None = None) -> None:
         self.settings = settings
         self.directory = directory
         self.dispatcher = dispatcher
         self.store = store
         self.accounts = accounts
+        self.limits = SendLimits(limits or Limits(0, 0))
+        for app in directory.apps.values():
+            self.limits.set_app(app.id, app.pushes_per_s, app.targets_per_min)
+        accounts.on_limits = lambda app: self.limits.set_app(app.id, app.pushes_per_s, app.targets_per_min)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -200,6 +205,7 @@ class ProviderApi:
     # -- pushes ----------------------------------------------------------------------------------
     async def handle_send(self, request: web.Request) -> web.Response:
         app = self._app(request)
+        self.limits.check(app.id)  # before the body is read
         doc = await read_json(request)
         single = not (isinstance(doc, dict) and "messages" in doc)
         if not single and isinstance(doc.get("messages"), list) and len(doc["messages"]) > self.settings.max_batch:
@@ -218,6 +224,7 @@ class ProviderApi:
             accepted.append(acc)
             results.append({"id": acc.message["id"], "targeted": len(acc.targets), "unregistered": unregistered})
         if accepted:
+            self.limits.charge(app.id, len(accepted), sum(len(a.targets) for a in accepted))
             await self.dispatcher.submit(accepted)
         if single:
             return web.json_response(results[0], status=202)

@@ -18,7 +18,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(exc: ApiError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.kind.http)
+    response = web.json_response(exc.body(), status=exc.kind.http)
+    if "retry_after_s" in exc.extra:  # 429: when to come back, as HTTP says it
+        response.headers["Retry-After"] = str(exc.extra["retry_after_s"])
+    return response
 
 
 @web.middleware

@@ -132,5 +132,12 @@ class RotateRequest(Strict):
                                 description="how long the previous key or secret keeps working; 0 ends it now")
 
 
+class LimitsRequest(Strict):
+    """Per-app send limits; null: the box's default (`limits.app_*`), 0: no limit."""
+
+    pushes_per_s: float | None = Field(..., ge=0, le=1e6)
+    targets_per_min: float | None = Field(..., ge=0, le=1e9)
+
+
 class EnrollmentPolicyRequest(Strict):
     require_ticket: bool
