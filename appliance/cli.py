@@ -313,8 +313,13 @@ def cmd_device_simulate(args: argparse.Namespace) -> int:
         return _fail("device simulate needs --secret or --ticket", "--secret enrolls anonymous devices; --ticket "
                      "(from POST /v1/enrollment-tickets) enrolls one device bound to the ticket's user", 2)
     credentials = [args.ticket] if args.ticket else [args.secret] * args.devices
-    return asyncio.run(simulate(args.url, args.app_id, credentials, args.seconds, args.platform, args.mqtt_host,
-                                args.cacert))
+    from appliance.device import EnrollmentRefused
+
+    try:
+        return asyncio.run(simulate(args.url, args.app_id, credentials, args.seconds, args.platform, args.mqtt_host,
+                                    args.cacert))
+    except EnrollmentRefused as exc:
+        return _fail("the box refused the enrollment", str(exc), 1)
 
 
 # -- parser --------------------------------------------------------------------------------------
