@@ -392,3 +392,23 @@ def test_mqtt5_subscription_identifier_and_options_do_not_widen_access(shared_bo
         assert other["inbox_topic"]  # (the other device exists: its topics are real)
     finally:
         attacker.close()
+
+
+@pytest.mark.parametrize("client_id", ["intrapush-box", "intrapush-box-1", "intrapush"])
+def test_device_login_under_the_box_own_client_ids_is_refused(shared_box: Box, client_id: str) -> None:
+    """A device's login is bound to its own client id: it cannot take the place (and the shared subscription)
+    of one of the box's own connections on Mosquitto."""
+    app = new_app(shared_box)
+    me, victim_e = shared_box.enroll(app, "impostor"), shared_box.enroll(app, "impostor-victim")
+    victim = PahoDevice(victim_e, shared_box.mqtt_port).connect()
+    m = me["mqtt"]
+    sock = socket.create_connection(("127.0.0.1", shared_box.mqtt_port), timeout=5)
+    try:
+        sock.sendall(connect_packet(client_id, m["username"], m["password"]))
+        kind, body = read_packet(sock)
+        assert kind == 0x20 and body[1] in (4, 5), body
+        assert closed_within(sock, 5)
+        push_and_ack(shared_box, app, victim, victim_e["token"], 5)  # the box's connections are all still there
+    finally:
+        sock.close()
+        victim.close()
