@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance import errors as E
 from appliance.accounts import Accounts
+from appliance.api import edge
 from appliance.api.schemas import Contact, EnrollRequest, PushBatch, PushMessage, Subscribers, Target
 from appliance.broker import topics
 from appliance.directory import App, Device, Directory, secret_matches
@@ -39,22 +40,13 @@ class ProviderSettings:
 
 
 def bearer(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise ApiError(E.MISSING_CREDENTIALS)
-    return value.strip()
+    """The bearer key; checks no body, so a handler calls it before read_json (#10)."""
+    return edge.bearer_credential(request.headers.get("Authorization"))
 
 
 async def read_json(request: web.Request) -> Any:
-    ctype = request.content_type
-    if request.body_exists and ctype not in ("application/json", "application/octet-stream", "text/plain"):
-        raise ApiError(E.WRONG_CONTENT_TYPE, f"Content-Type {ctype} is not application/json")
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(E.MALFORMED_JSON, f"the body is not valid JSON: {exc}") from None
+    """The body as strict JSON within the edge's limits (appliance/api/edge.py, #16)."""
+    return await edge.read_json_body(request)
 
 
 def validate(model: type[BaseModel], doc: Any) -> Any:
@@ -102,7 +94,7 @@ class ProviderApi:
         if app is None or not secret_matches(secret, app.enrollment_secret_hash):
             raise ApiError(E.WRONG_CREDENTIALS, "the enrollment secret is not valid for this app_id")
         device, password = await self.accounts.enroll(app, req.model_dump())
-        host = self.settings.public_host or (request.url.host or "localhost")
+        host = self.settings.public_host or edge.device_host(request)
         cid = device.client_id
         answer: dict[str, Any] = {
             "token": device.token,
