@@ -28,6 +28,9 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 # Escaped UTF-16 surrogates (`\ud800`): the only way a lone surrogate gets into a parsed str.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# Digits as "0" and E as "e", "+" dropped: one C pass that shows where a number may overflow (19 digits
+# in a row, or an exponent of 3 digits or more), so the per-number checks run only for such bodies.
+_NUMBER_SHAPES = bytes.maketrans(b"0123456789E", b"0000000000e")
 
 
 class JsonRefused(ValueError):
@@ -61,6 +64,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise JsonRefused(f"duplicate key {log_value(dup, 64)}")
     return doc
+
+
+# Built once: json.loads builds a decoder per call when given hooks. Keyed by (big, huge) number shapes.
+_DECODERS = {(big, huge): json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant,
+                                           parse_float=_checked_float if big or huge else None,
+                                           parse_int=_checked_int if big else None)
+             for big in (False, True) for huge in (False, True)}
 
 
 def _has_lone_surrogate(doc: Any) -> bool:
@@ -109,8 +119,10 @@ def parse_json(raw: bytes) -> Any:
     try:
         if _too_deep(raw):
             raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels")
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_reject_constant,
-                         parse_float=_checked_float, parse_int=_checked_int)
+        shapes = raw.translate(_NUMBER_SHAPES, b"+")
+        big = b"0000000000000000000" in shapes
+        huge = b"e000" in shapes
+        doc = _DECODERS[big, huge].decode(raw.decode("utf-8"))
         if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(doc):
             raise JsonRefused("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
         return doc
@@ -388,7 +400,8 @@ class EdgeRequestHandler(RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         peer = self.peername[0] if isinstance(self.peername, tuple) else self.peername
-        if status == 500:
+        if status != 400 or not isinstance(exc, http_exceptions.HttpProcessingError):
+            # Not the parser's: a handler failed past the middleware (it should never happen).
             log.error("event=internal_error peer=%s", log_value(peer), exc_info=exc)
             kind, detail = E.INTERNAL, None
         else:
