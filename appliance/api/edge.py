@@ -14,7 +14,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import http_exceptions, web
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from appliance import errors as E
 from appliance.errors import ApiError
@@ -228,8 +228,12 @@ async def read_json_body(request: web.Request) -> Any:
     except TimeoutError:
         raise ApiError(E.BODY_TIMEOUT, f"the body did not arrive within api.body_timeout_s={limits.body_timeout_s:g}") \
             from None
-    except (RequestPayloadError, ConnectionResetError) as exc:
-        raise ApiError(E.INCOMPLETE_BODY, f"the body ended early ({type(exc).__name__})") from None
+    except RequestPayloadError:
+        raise ApiError(E.MALFORMED_HTTP, "the body's framing (Content-Length, chunks, encoding) is not valid") from None
+    except ConnectionResetError:
+        raise ApiError(E.INCOMPLETE_BODY, "the connection closed in the middle of the body") from None
+    if getattr(request.protocol, "body_malformed", False):
+        raise ApiError(E.MALFORMED_HTTP, "the body's framing (Content-Length, chunks, encoding) is not valid")
     if request.content_length is not None and len(raw) != request.content_length:
         raise ApiError(E.INCOMPLETE_BODY, f"the body ended after {len(raw)} of {request.content_length} bytes")
     return parse_json(raw)
@@ -353,6 +357,7 @@ class EdgeRequestHandler(RequestHandler):
         self._gate = gate
         self._gate_key: tuple[Any, str] | None = None
         self._last_body: Any = None
+        self.body_malformed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -380,8 +385,18 @@ class EdgeRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._messages:  # the body of the newest request, even once it has left the queue
-            self._last_body = self._messages[-1][1]
+        if not self._messages:
+            return
+        message, body = self._messages[-1]
+        if isinstance(message, _ErrInfo) and self._last_body is not None and not self._last_body.is_eof():
+            # The parser failed inside a body a handler may be reading (a broken chunk): end that body,
+            # flag it for read_json_body, and close after its answer instead of queueing a second one.
+            self._messages.pop()
+            self.body_malformed = True
+            self._last_body.feed_eof()
+            self.close()
+        else:  # the body of the newest request, even once it has left the queue
+            self._last_body = body
 
     def eof_received(self) -> bool:
         # A client that half-closes in the middle of a body still gets its 400 (#16).

@@ -163,6 +163,20 @@ def test_body_that_stalls_is_a_408(edge_box: Box, world: dict[str, Any]) -> None
     assert_error_shape(a.json(), 408, 40801)
 
 
+def test_broken_chunk_in_the_middle_of_a_body_is_a_400(edge_box: Box, world: dict[str, Any]) -> None:
+    """The handler is already reading the body when the framing breaks: it answers at once, not at the
+    body timeout."""
+    head = (f"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {world['app']['api_key']}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    with _connect(edge_box) as sock:
+        sock.sendall(head + b'3\r\n{"t\r\n')
+        time.sleep(0.3)
+        sock.sendall(b"zz\r\n")
+        a = Answer(_read_all(sock))
+    assert a.status == 400, a.raw
+    assert_error_shape(a.json(), 400, 40012)
+
+
 @pytest.mark.parametrize("body", [
     b'{"to": {"token": "T"}, "title": "x", "title": "y"}',
     b'{"to": {"token": "T", "token": "T"}, "title": "x"}',
