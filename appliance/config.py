@@ -80,7 +80,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("api", "max_tokens", 10000, "most tokens in one message's `to.tokens`", minimum=1, maximum=100000),
     # The HTTP edge (#16). A provider on the LAN sends a request head in milliseconds; 10 s is slack for
     # a loaded box, and short enough that slow-drip clients cannot hold sockets for minutes.
-    S("api", "header_timeout_s", 10.0, "a connection must complete each request head within this, from connect or from its previous answer",
+    S("api", "header_timeout_s", 10.0, "a connection must complete its TLS handshake, and each request head, within this (from connect or from its previous answer)",
       minimum=0.05, maximum=3600),
     S("api", "body_timeout_s", 30.0, "a request body must arrive in full within this; else 408", minimum=0.05, maximum=3600),
     S("api", "max_connections", 1024, "most open HTTP connections per API listener; more get 503", minimum=1),

@@ -18,7 +18,7 @@ from aiohttp import web
 from appliance import metrics
 from appliance.accounts import Accounts
 from appliance.api.admin import AdminApi
-from appliance.api.edge import EdgeLimits, EdgeRunner
+from appliance.api.edge import EdgeLimits, EdgeRunner, EdgeSite
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
@@ -170,7 +170,7 @@ class Daemon:
             addr = parse_listen(listen)
             if not addr:
                 continue
-            site = web.TCPSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
+            site = EdgeSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
             try:
                 await site.start()
             except OSError as exc:

@@ -449,3 +449,18 @@ class EdgeRunner(web.AppRunner):
         return EdgeServer(plain.request_handler, request_factory=plain.request_factory,
                           handler_cancellation=plain.handler_cancellation, loop=plain._loop,  # noqa: SLF001
                           limits=self.app.get(EDGE_LIMITS) or EdgeLimits(), **plain._kwargs)  # noqa: SLF001
+
+
+class EdgeSite(web.TCPSite):
+    """A TCP site whose TLS handshakes must finish within api.header_timeout_s, like a request head
+    (asyncio's default is 60 s, long enough for slow clients to hold sockets before the gate counts them)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        runner = self._runner
+        limits = runner.app.get(EDGE_LIMITS) if isinstance(runner, web.AppRunner) else None
+        self._server = await asyncio.get_running_loop().create_server(
+            runner.server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=(limits or EdgeLimits()).header_timeout_s if self._ssl_context else None)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port

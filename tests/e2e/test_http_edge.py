@@ -5,6 +5,7 @@ cannot hold the listeners. Malformed HTTP goes over raw sockets; the rest over h
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import threading
@@ -356,6 +357,21 @@ def test_slow_clients_are_closed_after_the_header_timeout(edge_box: Box) -> None
         t.join(HEADER_TIMEOUT_S * 30)
     assert len(closed_after) == 50, closed_after
     assert min(closed_after) >= HEADER_TIMEOUT_S * 0.9
+
+
+def test_slow_tls_handshake_is_closed_after_the_header_timeout(edge_box: Box) -> None:
+    """A client dripping its ClientHello is closed at api.header_timeout_s, not asyncio's 60 s."""
+    hello = bytes.fromhex("16030100c8010000c40303") + bytes(200)
+    with _connect(edge_box, name="https", timeout=HEADER_TIMEOUT_S * 20) as sock:
+        start = time.monotonic()
+        with pytest.raises(OSError):  # noqa: PT012 - the drip ends when the box closes the socket
+            for byte in hello:
+                sock.sendall(bytes([byte]))
+                if select.select([sock], [], [], 0.25)[0] and sock.recv(1024) == b"":
+                    raise ConnectionResetError("closed by the box")
+                if time.monotonic() - start > HEADER_TIMEOUT_S * 20:
+                    break
+        assert time.monotonic() - start >= HEADER_TIMEOUT_S * 0.9
 
 
 def test_idle_connection_is_closed_after_the_header_timeout(edge_box: Box) -> None:
