@@ -152,7 +152,8 @@ def log_value(value: object, limit: int = 200) -> str:
 # --- headers ------------------------------------------------------------------------------------
 MAX_KEY_CHARS = 512  # our keys and secrets are about 43 characters; anything far longer is not one
 _TOKEN = re.compile(r"[!-~]{1,%d}" % MAX_KEY_CHARS)
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# RFC 1123 labels, plus `_`, which internal DNS names carry often enough that refusing them would hurt.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 JSON_TYPES = ("application/json",)
 
@@ -240,9 +241,9 @@ async def read_json_body(request: web.Request) -> Any:
 
 
 # --- bounded answers ----------------------------------------------------------------------------
-# The shortest entry of an `unregistered` list, `{"token": "", "reason": "unknown", "unregistered_at": null}`:
-# an answer shorter than limit x this cannot list more than `limit` entries, so it is not even parsed.
-MIN_ENTRY_BYTES = 58
+# Shorter than any `unregistered` entry (`{"token": "", "reason": "", "unregistered_at": null}` is 52): an
+# answer shorter than limit x this cannot list more than `limit` entries, so it is not even parsed.
+MIN_ENTRY_BYTES = 50
 
 
 def cap_unregistered(body: bytes, limit: int) -> bytes | None:
