@@ -19,6 +19,7 @@ from appliance import metrics
 from appliance.accounts import Accounts
 from appliance.api.admin import AdminApi
 from appliance.api.limits import Limits
+from appliance.api.edge import EdgeLimits, EdgeRunner, EdgeSite
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
@@ -161,15 +162,17 @@ class Daemon:
         )
         provider = ProviderApi(settings, self.directory, dispatcher, store, accounts,
                                Limits(cfg.limits.app_pushes_per_s, cfg.limits.app_targets_per_min))
-        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics)
-        runner = web.AppRunner(http, access_log=None, handle_signals=False)
+        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics, EdgeLimits(
+            cfg.api.header_timeout_s, cfg.api.body_timeout_s, cfg.api.max_connections,
+            cfg.api.max_connections_per_address, cfg.api.max_header_bytes, cfg.api.max_unregistered_listed))
+        runner = EdgeRunner(http, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
         for name, listen, ctx in (("https", cfg.api.tls_listen, tls.context("none")), ("http", cfg.api.listen, None)):
             addr = parse_listen(listen)
             if not addr:
                 continue
-            site = web.TCPSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
+            site = EdgeSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
             try:
                 await site.start()
             except OSError as exc:
