@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -344,6 +345,31 @@ class ConnectionGate:
                 del counter[key]
 
 
+class LogThrottle:
+    """At most one log line per key per `interval_s`; says how many were held back meanwhile. Bounded: past
+    `max_keys` keys it starts over (a spoofed-source flood costs memory no more than log lines)."""
+
+    def __init__(self, interval_s: float = 10.0, max_keys: int = 4096) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, key: str) -> int | None:
+        """The number of lines held back since the last one for `key`, or None to hold this one back too."""
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        if len(self._seen) >= self.max_keys:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return last[1] if last is not None else 0
+
+
+REFUSAL_LOG = LogThrottle()
+
+
 class EdgeRequestHandler(RequestHandler):
     """aiohttp's connection protocol with our gate, timeouts and JSON answers to malformed HTTP."""
 
@@ -366,7 +392,10 @@ class EdgeRequestHandler(RequestHandler):
         listener = transport.get_extra_info("sockname")
         refused = self._gate.admit(listener, address)
         if refused is not None:
-            log.warning("event=connection_refused peer=%s code=%d", log_value(address), refused[0].code)
+            suppressed = REFUSAL_LOG.admit(address)
+            if suppressed is not None:  # one line per address per interval: a flood cannot flood the log
+                log.warning("event=connection_refused peer=%s code=%d suppressed_since_last=%d", log_value(address),
+                            refused[0].code, suppressed)
             transport.write(refusal(*refused))  # type: ignore[attr-defined]
             # Close only once the client has had a moment to read the answer: closing with its
             # request unread would reset the connection and lose the answer.

@@ -397,6 +397,15 @@ def test_connections_per_address_are_capped(edge_box: Box) -> None:
         a = send_raw_from(edge_box, "127.0.0.3")
         assert a.status == 429, a.raw
         assert_error_shape(a.json(), 429, 42901)
+        flood = [_connect(edge_box, source="127.0.0.3") for _ in range(20)]  # before the held ones time out
+        try:
+            time.sleep(0.3)
+            assert all(sock.recv(65536).startswith(b"HTTP/1.1 429") for sock in flood)
+        finally:
+            for sock in flood:
+                sock.close()
+        # 21 refusals, one log line: a flood of refused connections cannot flood the log
+        assert edge_box.log().count("event=connection_refused peer=127.0.0.3") == 1
         assert send_raw_from(edge_box, "127.0.0.4").status == 200
     finally:
         for sock in held:
