@@ -127,7 +127,7 @@ def cmd_fallback_test(args: argparse.Namespace) -> int:
 
 
 # -- admin operations: through the running daemon's admin socket, else on the store directly -------
-ADMIN_WAIT_S = 15.0  # a daemon that holds the lock but is still starting opens its socket within this
+ADMIN_WAIT_S = 10.0  # a daemon that holds the lock but is still starting opens its socket within this
 
 
 class AdminClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -22,8 +23,8 @@ from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_metrics_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
 from appliance.config import Config, parse_listen
-from appliance.directory import Directory
 from appliance.datadir import RUN_FILE
+from appliance.directory import Directory
 from appliance.dispatch import Dispatcher
 from appliance.errors import StartupError
 from appliance.escalation import ChannelSettings, Escalator
@@ -68,6 +69,10 @@ def fallback_settings(cfg: Config) -> dict[str, ChannelSettings]:
 def _address(sock_name: tuple[Any, ...]) -> str:
     host, port = sock_name[0], sock_name[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.rpartition(":")[0].strip("[]")).is_loopback
 
 
 class Daemon:
@@ -175,7 +180,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(tls.watch()))
         (self.cfg.data_dir / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
         for name, addr in self.addresses.items():
-            if name in ("mqtt", "mqtt-ws", "http") or (name == "metrics" and not addr.startswith(("127.", "[::1]"))):
+            if name in ("mqtt", "mqtt-ws", "http") or (name == "metrics" and not _is_loopback(addr)):
                 log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
                             "no TLS on this listener: use it only on a trusted network")
         log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))

@@ -25,27 +25,33 @@ class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_FILE
         self._fd: int | None = None
-        self.writable = True
 
     def try_acquire(self) -> bool:
-        """Take the lock if nobody holds it; False if someone does. Raises PermissionError if the lock file
-        cannot even be opened (another user's data directory)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        except PermissionError:
-            # Reading is enough to learn whether the lock is held; writing anything needs more anyway.
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            self.writable = False
+        """Take the lock if nobody holds it (creating the file, writing our pid in it); False if someone does."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
-        if self.writable:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return True
+
+    def is_held(self) -> bool:
+        """Whether someone holds the lock, learned read-only: nothing is created or written."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def holder(self) -> int | None:
         """The pid written by whoever holds (or last held) the lock."""
@@ -74,9 +80,6 @@ def claim(data_dir: Path) -> DataDirLock:
         raise StartupError(f"the data directory {data_dir} is in use by another intrapush process "
                            f"(pid {pid if pid is not None else 'unknown'}): one daemon per data directory; "
                            "nothing was changed")
-    if not lock.writable:
-        lock.release()
-        raise StartupError(f"cannot write {lock.path}: run as the user that owns {data_dir}")
     return lock
 
 
@@ -91,8 +94,8 @@ def secure(data_dir: Path, *files: Path) -> None:
                     os.chmod(path, FILE_MODE)
     except PermissionError as exc:
         owner = data_dir.stat().st_uid
-        raise StartupError(f"cannot make {exc.filename} private ({exc.strerror}): it belongs to uid {owner}, "
-                           f"the daemon runs as uid {os.getuid()}; chown the data directory to the daemon's user") from exc
+        raise StartupError(f"cannot make {exc.filename} private ({exc.strerror}): it belongs to uid {owner}, the "
+                           f"daemon runs as uid {os.getuid()}; chown the data directory to the daemon's user") from exc
 
 
 def store_files(db: Path) -> tuple[Path, ...]:
@@ -111,18 +114,19 @@ def prepare(data_dir: Path, write_config: bool = True) -> None:
 
 def open_for_cli(data_dir: Path) -> DataDirLock | None:
     """For an admin command: the lock, held, when no daemon runs (hold it while writing so that a `serve`
-    started meanwhile refuses instead of racing); None when a daemon holds it."""
-    lock = DataDirLock(data_dir)
+    started meanwhile refuses instead of racing); None when a daemon holds it (go through its socket)."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        held = lock.try_acquire()
+        owner = data_dir.stat().st_uid
+        lock = DataDirLock(data_dir)
+        if owner == os.geteuid():
+            return lock if lock.try_acquire() else None
+        # Another user's directory (root lending a hand, or a stranger): only its daemon may change it. A lock
+        # file or database created here would belong to us, and its owner's daemon could not open them.
+        if lock.is_held():
+            return None
     except PermissionError as exc:
-        raise ApplianceError(f"cannot use the data directory {data_dir}: {exc.strerror} "
-                             "(run as the user that owns it, or through the running daemon's admin socket)") from exc
-    if not held:
-        return None
-    if not lock.writable:
-        lock.release()
-        raise ApplianceError(f"no daemon is running and {data_dir} is not writable by uid {os.getuid()}: "
-                             "run as the user that owns it")
-    return lock
+        raise ApplianceError(f"cannot use the data directory {data_dir}: {exc.strerror} (run as the user that "
+                             "owns it)") from exc
+    raise ApplianceError(f"no daemon is running and {data_dir} belongs to uid {owner}, not {os.geteuid()}: run this "
+                         "as that user")

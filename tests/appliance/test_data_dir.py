@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -42,10 +43,10 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def snapshot(data_dir: Path) -> dict[str, tuple[int, int, int]]:
-    """Every file's inode, size and modification time: what `changes nothing` compares."""
-    return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in data_dir.iterdir()
-            if p.name.startswith(("intrapush.db", "run.json", "admin.sock", "intrapush.toml"))}
+def snapshot(data_dir: Path) -> dict[str, int]:
+    """Every file by name and inode: no file made, removed or replaced. (Sizes and times are not compared:
+    the running daemon's own checkpoints change them.)"""
+    return {p.name: p.stat().st_ino for p in data_dir.iterdir()}
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_second_serve_refuses_naming_the_running_pid_and_the_first_keeps_working
         assert f"pid {box.proc.pid}" in second.stderr and "in use" in second.stderr, second.stderr
         assert box.proc.poll() is None
         assert (box.data_dir / "run.json").read_text() == run_json
-        assert snapshot(box.data_dir)["admin.sock"] == before["admin.sock"]
+        assert snapshot(box.data_dir) == before  # admin.sock, database, lock: none made or replaced
         listing = json.loads(box.cli("app", "list", "--json").stdout)
         assert [a["name"] for a in listing] == ["first"]
         with box.api(app) as api:
@@ -152,6 +153,7 @@ def test_cli_as_another_user_fails_clearly_on_a_private_data_directory(open_box:
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "run as the user that owns" in r.stderr
     assert snapshot(open_box.data_dir) == before
+    assert json.loads(open_box.cli("app", "list", "--json").stdout) == []
 
 
 @as_root_only
@@ -167,7 +169,18 @@ def test_cli_never_opens_the_database_when_the_running_daemons_socket_is_not_its
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"pid {open_box.proc.pid}" in r.stderr and "admin socket" in r.stderr
     assert snapshot(data) == before
-    assert json.loads(open_box.cli("app", "list", "--json").stdout) == []
+    assert json.loads(open_box.cli("app", "list", "--json").stdout) == []  # nothing written behind the daemon
+
+
+@as_root_only
+def test_offline_cli_on_another_users_data_directory_creates_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "box"
+    data.mkdir(mode=0o700)
+    os.chown(data, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    r = subprocess.run([sys.executable, "-m", "appliance", "app", "create", "root-made", "--data-dir", str(data)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "belongs to uid" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list(data.iterdir()) == []
 
 
 # -- private, whoever created the folder ---------------------------------------------------------
