@@ -13,13 +13,15 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Box, PahoDevice
+from tests.conftest import BACKENDS, Box, PahoDevice, wait_for
+from tests.e2e.test_fallback_escalation import SmtpSink
 
 as_root_only = pytest.mark.skipif(os.geteuid() != 0, reason="runs the CLI as `nobody`, which needs root")
 
@@ -28,7 +30,7 @@ def serve_again(box: Box) -> subprocess.CompletedProcess[str]:
     """A second `intrapush serve` on the running box's data directory, every listener on a free port."""
     env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
            "INTRAPUSH_API_TLS_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_TLS_LISTEN": "127.0.0.1:0",
-           "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0"}
+           "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0", **box.extra_env}
     return subprocess.run([sys.executable, "-m", "appliance", "serve", "--data-dir", str(box.data_dir)],
                           capture_output=True, text=True, timeout=60, env=env)
 
@@ -61,7 +63,10 @@ def open_box() -> Iterator[Box]:
 
 
 # -- one daemon per data directory ---------------------------------------------------------------
-def test_second_serve_refuses_naming_the_running_pid_and_the_first_keeps_working(box: Box) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_serve_refuses_naming_the_running_pid_and_the_first_keeps_working(tmp_path: Path,
+                                                                                   backend: str) -> None:
+    box = Box(tmp_path / "box", backend=backend).start()
     app = box.create_app("first")
     device = PahoDevice(box.enroll(app, "d1"), box.mqtt_port).connect()
     run_json = (box.data_dir / "run.json").read_text()
@@ -81,6 +86,28 @@ def test_second_serve_refuses_naming_the_running_pid_and_the_first_keeps_working
         assert device.next()["title"] == "still here"
     finally:
         device.close()
+        box.stop()
+
+
+def test_second_serve_leaves_the_first_daemons_pending_fallback_alone(tmp_path: Path) -> None:
+    smtp = SmtpSink()
+    env = {"INTRAPUSH_FALLBACK_EMAIL_TRANSPORT": "smtp", "INTRAPUSH_FALLBACK_EMAIL_HOST": "127.0.0.1",
+           "INTRAPUSH_FALLBACK_EMAIL_PORT": str(smtp.port), "INTRAPUSH_FALLBACK_EMAIL_TLS": "none",
+           "INTRAPUSH_FALLBACK_EMAIL_FROM_ADDRESS": "push@corp.example"}
+    box = Box(tmp_path / "box", env=env).start()
+    try:
+        app = box.create_app("alarms")
+        away = box.enroll(app, "away", contact={"email": "alice@corp.example"})
+        with box.api(app) as api:
+            sent = api.post("/v1/messages", json={"to": {"token": away["token"]}, "title": "Alarm",
+                                                  "fallback": {"after_s": 2, "channels": ["email"]}}).json()
+            assert serve_again(box).returncode != 0  # while the escalation waits for its deadline
+            wait_for(lambda: api.get(f"/v1/messages/{sent['id']}").json()["fallback_sent"] == 1, timeout=20)
+        time.sleep(1.5)  # give a second sender every chance to show up
+        assert [rcpts for _, rcpts, _ in smtp.messages] == [["alice@corp.example"]]
+    finally:
+        box.stop()
+        smtp.stop()
 
 
 def test_a_lock_left_by_a_killed_daemon_does_not_block_the_next_start(tmp_path: Path) -> None:
