@@ -179,10 +179,12 @@ class AdminClient:
         from appliance.datadir import DataDirLock
 
         pid = DataDirLock(self.data_dir).holder()
+        advice = ("run this as the daemon's user" if isinstance(exc, PermissionError)
+                  else f"it did not answer within {ADMIN_WAIT_S:g} s; check that it is not stuck starting")
         return ApplianceError(
             f"intrapush (pid {pid if pid is not None else 'unknown'}) holds {self.data_dir}, but its admin socket "
-            f"{self.socket} cannot be opened: {exc.strerror or exc}. Run this as the daemon's user; the database "
-            "is not touched while a daemon holds it.")
+            f"{self.socket} cannot be opened: {exc.strerror or exc}. The database is not touched while a daemon "
+            f"holds it: {advice}.")
 
     def do(self, method: str, path: str, offline: Any, body: dict[str, Any] | None = None) -> Any:
         """Through the daemon when it runs, else `offline(accounts)` on the database, holding the lock."""
