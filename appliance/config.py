@@ -132,6 +132,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("log", "level", "info", "log level", choices=("debug", "info", "warning", "error")),
     S("log", "format", "text", "log format", choices=("text", "json")),
     S("log", "overrides", "", "per-logger levels, e.g. `appliance.broker=debug,amqtt=warning`"),
+    # --- metrics --------------------------------------------------------------------------------
+    # Loopback: counters of traffic and devices are nobody's business off the box until the operator
+    # binds this to a management address. 9464 is the port Prometheus exporters of OpenTelemetry use.
+    S("metrics", "listen", "127.0.0.1:9464", "Prometheus GET /metrics over plain HTTP, host:port; empty turns it off"),
 )
 del S
 
@@ -311,7 +315,7 @@ class Config:
                 problems.append(f"flag for `{name}`: {exc}")
 
         for name in ("broker.listen", "broker.ws_listen", "broker.tls_listen", "broker.wss_listen", "api.listen",
-                     "api.tls_listen"):
+                     "api.tls_listen", "metrics.listen"):
             try:
                 parse_listen(values[name])
             except ValueError as exc:

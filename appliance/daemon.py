@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -21,9 +22,10 @@ from appliance.api.admin import AdminApi
 from appliance.api.limits import Limits
 from appliance.api.edge import EdgeLimits, EdgeRunner, EdgeSite
 from appliance.api.provider import ProviderApi, ProviderSettings
-from appliance.api.routes import build_admin_app, build_provider_app
+from appliance.api.routes import build_admin_app, build_metrics_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
-from appliance.config import CONFIG_FILE_NAME, Config, parse_listen, render_default_file
+from appliance.config import Config, parse_listen
+from appliance.datadir import RUN_FILE
 from appliance.directory import Directory
 from appliance.dispatch import Dispatcher
 from appliance.errors import StartupError
@@ -37,16 +39,7 @@ from fallback.base import Notice
 
 GC_THRESHOLDS = (50_000, 20, 100)
 log = logging.getLogger("appliance.daemon")
-RUN_FILE = "run.json"
 PURGE_EVERY_S = 3600.0
-
-
-def prepare_data_dir(data_dir: Path, write_config: bool = True) -> None:
-    """Create the data directory (0700) and, on first start, the annotated config file in it."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config_file = data_dir / CONFIG_FILE_NAME
-    if write_config and not config_file.exists():
-        config_file.write_text(render_default_file(), encoding="utf-8")
 
 
 def build_fallback_senders(cfg: Config) -> dict[str, Any]:
@@ -78,6 +71,10 @@ def fallback_settings(cfg: Config) -> dict[str, ChannelSettings]:
 def _address(sock_name: tuple[Any, ...]) -> str:
     host, port = sock_name[0], sock_name[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.rpartition(":")[0].strip("[]")).is_loopback
 
 
 class Daemon:
@@ -162,7 +159,7 @@ class Daemon:
         )
         provider = ProviderApi(settings, self.directory, dispatcher, store, accounts,
                                Limits(cfg.limits.app_pushes_per_s, cfg.limits.app_targets_per_min))
-        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics, EdgeLimits(
+        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, EdgeLimits(
             cfg.api.header_timeout_s, cfg.api.body_timeout_s, cfg.api.max_connections,
             cfg.api.max_connections_per_address, cfg.api.max_header_bytes, cfg.api.max_unregistered_listed))
         runner = EdgeRunner(http, access_log=None, handle_signals=False)
@@ -181,25 +178,14 @@ class Daemon:
         if "https" not in self.addresses and "http" not in self.addresses:
             raise StartupError("no HTTP listener: set api.tls_listen (or api.listen)")
 
-        admin = AdminApi(accounts, self.status)
-        socket_path = self.cfg.path("api.admin_socket")
-        with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
-        admin_runner = web.AppRunner(build_admin_app(admin.routes()), access_log=None, handle_signals=False)
-        await admin_runner.setup()
-        self._runners.append(admin_runner)
-        old_umask = os.umask(0o077)  # the socket is the admin API's access control: owner only
-        try:
-            await web.UnixSite(admin_runner, str(socket_path)).start()
-        finally:
-            os.umask(old_umask)
-        self.addresses["admin"] = str(socket_path)
+        await self._serve_admin(AdminApi(accounts, self.status))
+        await self._serve_metrics()
 
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         self._tasks.append(asyncio.create_task(tls.watch()))
         (self.cfg.data_dir / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
         for name, addr in self.addresses.items():
-            if name in ("mqtt", "mqtt-ws", "http"):
+            if name in ("mqtt", "mqtt-ws", "http") or (name == "metrics" and not _is_loopback(addr)):
                 log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
                             "no TLS on this listener: use it only on a trusted network")
         log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
@@ -209,6 +195,40 @@ class Daemon:
         # devices, found nothing to free, and held every push meanwhile.
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+
+    async def _serve_admin(self, admin: AdminApi) -> None:
+        """The admin API on its Unix socket, owner only. The data directory's lock is ours (appliance/datadir.py),
+        so a socket file left here is a dead daemon's: replace it."""
+        socket_path = self.cfg.path("api.admin_socket")
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        admin_runner = web.AppRunner(build_admin_app(admin.routes(), self.render_metrics), access_log=None,
+                                     handle_signals=False)
+        await admin_runner.setup()
+        self._runners.append(admin_runner)
+        old_umask = os.umask(0o077)  # the socket is the admin API's access control: owner only
+        try:
+            await web.UnixSite(admin_runner, str(socket_path)).start()
+        finally:
+            os.umask(old_umask)
+        self.addresses["admin"] = str(socket_path)
+
+    async def _serve_metrics(self) -> None:
+        """Prometheus text on its own plain-HTTP listener (`metrics.listen`, loopback by default), never on the
+        provider port, which faces every application server (#9)."""
+        listen = self.cfg.metrics.listen
+        addr = parse_listen(listen)
+        if not addr:
+            return
+        runner = web.AppRunner(build_metrics_app(self.render_metrics), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"the metrics listener cannot listen on {listen}: {exc.strerror}") from exc
+        self.addresses["metrics"] = _address(site._server.sockets[0].getsockname())  # noqa: SLF001
 
     async def _broker_logins(self) -> list[tuple[str, str | None]]:
         """Every active device's MQTT login, for a broker that holds them itself (Mosquitto)."""

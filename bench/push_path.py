@@ -44,7 +44,7 @@ def start_daemon(data_dir: Path, extra_env: dict[str, str], tls: bool = False
         {"INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
          "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": ""}
     env = {**os.environ, **listen, "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1",
-           **extra_env}
+           "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0", **extra_env}
     log = open(data_dir.parent / "daemon.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(data_dir)], env=env,
                             stdout=log, stderr=log)
@@ -60,7 +60,8 @@ def start_daemon(data_dir: Path, extra_env: dict[str, str], tls: bool = False
 
 
 async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as r:
+    """One value from the daemon's metrics listener; `url` is http://ADDRESS/metrics (run.json's `metrics`)."""
+    async with session.get(url) as r:
         for line in (await r.text()).splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
@@ -74,6 +75,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     proc, addrs = start_daemon(data_dir, env, args.tls)
     url = "https://" + addrs["https"].replace("127.0.0.1", "localhost") if args.tls else "http://" + addrs["http"]
     mqtt_port = int(addrs["mqtt-tls" if args.tls else "mqtt"].rsplit(":", 1)[1])
+    metrics_url = f"http://{addrs['metrics']}/metrics"
     https = ssl.create_default_context(cafile=str(data_dir / "certs" / "ca.pem")) if args.tls else None
     out = subprocess.run([sys.executable, "-m", "appliance", "app", "create", "bench", "--json", "--data-dir",
                           str(data_dir)], capture_output=True, text=True, check=True)
@@ -135,7 +137,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 received = 0
                 target = expected
                 done.clear()
-                acks0 = await metric(session, url, "intrapush_acks_total")
+                acks0 = await metric(session, metrics_url, "intrapush_acks_total")
                 req_sem = asyncio.Semaphore(concurrency)
 
                 async def post(body: dict) -> None:
@@ -150,7 +152,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 accepted_s = time.perf_counter() - t
                 await asyncio.wait_for(done.wait(), 120)
                 delivered_s = time.perf_counter() - t
-                while await metric(session, url, "intrapush_acks_total") - acks0 < expected:
+                while await metric(session, metrics_url, "intrapush_acks_total") - acks0 < expected:
                     await asyncio.sleep(0.01)
                 acked_s = time.perf_counter() - t
                 d1 = Path(f"/proc/{proc.pid}/stat").read_text().split()

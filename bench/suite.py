@@ -53,7 +53,8 @@ class Daemon:
         env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
                "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": "", "INTRAPUSH_BROKER_WSS_LISTEN": "",
                "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1", "INTRAPUSH_BROKER_BACKEND": self.backend,
-               "INTRAPUSH_LOG_LEVEL": "warning", "INTRAPUSH_API_MAX_TOKENS": "100000"}
+               "INTRAPUSH_LOG_LEVEL": "warning", "INTRAPUSH_API_MAX_TOKENS": "100000",
+               "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0"}
         log = open(self.data_dir.parent / f"daemon-{self.backend}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(self.data_dir)],
                                      env=env, stdout=log, stderr=log)
@@ -72,6 +73,10 @@ class Daemon:
     @property
     def url(self) -> str:
         return "http://" + self.addrs["http"]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.addrs['metrics']}/metrics"
 
     @property
     def mqtt_port(self) -> int:
@@ -191,13 +196,13 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
             fleet = Fleet(enrollments, "127.0.0.1", d.mqtt_port)
             connect_s = await fleet.connect(args.concurrency)
             gc.freeze()  # the generator's own pauses must not show up as the box's latency (see main())
-            await wait_metric(session, d.url, "intrapush_devices_online", len(enrollments), 60)
+            await wait_metric(session, d.metrics_url, "intrapush_devices_online", len(enrollments), 60)
             await asyncio.sleep(2.0)
             rss1 = d.rss_kib()
             cpu0 = d.cpu_s()
             await asyncio.sleep(args.hold_s)
             idle_cpu = (d.cpu_s() - cpu0) / args.hold_s
-            online = await metric(session, d.url, "intrapush_devices_online")
+            online = await metric(session, d.metrics_url, "intrapush_devices_online")
             record({**base, "scenario": "hold", "connect_per_s": round(len(enrollments) / connect_s),
                     "rss_before_kib": rss0, "rss_after_kib": rss1,
                     "kib_per_device": {k: round((rss1[k] - rss0.get(k, 0)) / len(enrollments), 2) for k in rss1},
@@ -211,7 +216,7 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
 
             async def unicast(label: str, bodies: list[dict[str, Any]], concurrency: int, pushes: int) -> None:
                 sem = asyncio.Semaphore(concurrency)
-                acks0 = await metric(session, d.url, "intrapush_acks_total")
+                acks0 = await metric(session, d.metrics_url, "intrapush_acks_total")
                 received0 = fleet.stats.received
                 cpu = d.cpu_by_process()
                 own_cpu = time.process_time()
@@ -225,7 +230,7 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 accepted_s = time.perf_counter() - t
                 await asyncio.wait_for(fleet.stats.wait_received(received0 + pushes), 300)
                 delivered_s = time.perf_counter() - t
-                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + pushes, 300)
+                await wait_metric(session, d.metrics_url, "intrapush_acks_total", acks0 + pushes, 300)
                 acked_s = time.perf_counter() - t
                 record({**base, "scenario": label, "pushes": pushes,
                         "accepted_per_s": round(pushes / accepted_s), "delivered_per_s": round(pushes / delivered_s),
@@ -281,14 +286,14 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
             n = len(enrollments)
             if "broadcast" in args.only:
                 # broadcast: one push to every device of the app
-                acks0 = await metric(session, d.url, "intrapush_acks_total")
+                acks0 = await metric(session, d.metrics_url, "intrapush_acks_total")
                 received0 = fleet.stats.received
                 t = time.perf_counter()
                 await post({"to": {"all": True}, "title": "everyone"})
                 accepted_s = time.perf_counter() - t
                 await asyncio.wait_for(fleet.stats.wait_received(received0 + n), 120)
                 delivered_s = time.perf_counter() - t
-                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + n, 120)
+                await wait_metric(session, d.metrics_url, "intrapush_acks_total", acks0 + n, 120)
                 record({**base, "scenario": "broadcast", "accepted_s": round(accepted_s, 3),
                         "all_delivered_s": round(delivered_s, 3), "all_acked_s": round(time.perf_counter() - t, 3)})
 
@@ -297,13 +302,13 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 fleet.drop_all()
                 await asyncio.sleep(0.5)
                 t = time.perf_counter()
-                while await metric(session, d.url, "intrapush_devices_online") > 0:
+                while await metric(session, d.metrics_url, "intrapush_devices_online") > 0:
                     if time.perf_counter() - t > 120:
                         raise TimeoutError("devices still online 120 s after dropping them")
                     await asyncio.sleep(0.05)
                 for i in range(10):
                     await post({"to": {"all": True}, "title": f"while away {i}"})
-                acks0 = await metric(session, d.url, "intrapush_acks_total")
+                acks0 = await metric(session, d.metrics_url, "intrapush_acks_total")
                 received0 = fleet.stats.received
                 lost0 = fleet.stats.lost
                 print("storm: every device reconnects now", flush=True)
@@ -311,7 +316,7 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                 connect_s = await fleet.connect(args.storm_concurrency)
                 await asyncio.wait_for(fleet.stats.wait_received(received0 + 10 * n), 300)
                 caught_up_s = time.perf_counter() - t
-                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + 10 * n, 300)
+                await wait_metric(session, d.metrics_url, "intrapush_acks_total", acks0 + 10 * n, 300)
                 record({**base, "scenario": "reconnect_storm", "pending_each": 10, "all_connected_s": round(connect_s, 2),
                         "all_caught_up_s": round(caught_up_s, 2), "all_acked_s": round(time.perf_counter() - t, 2),
                         "drops_during": fleet.stats.lost - lost0})

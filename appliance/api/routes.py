@@ -16,6 +16,7 @@ from appliance.errors import ApiError
 
 log = logging.getLogger("appliance.api")
 MAX_BODY = web.AppKey("max_body_bytes", int)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -70,8 +71,10 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def build_provider_app(routes: list[web.RouteDef], max_body_bytes: int,
-                       metrics: Callable[[], str], limits: EdgeLimits | None = None) -> web.Application:
-    """The provider API; serve it with edge.EdgeRunner so `limits` apply to its connections."""
+                       limits: EdgeLimits | None = None) -> web.Application:
+    """What application servers and devices reach; serve it with edge.EdgeRunner so `limits` apply to its
+    connections. No metrics here (#9): they are on `metrics.listen` and the admin socket. /healthz says only
+    that the box answers, for load balancers."""
     app = web.Application(middlewares=[handle_errors], client_max_size=max_body_bytes)
     app[MAX_BODY] = max_body_bytes
     app[EDGE_LIMITS] = limits or EdgeLimits()
@@ -88,19 +91,29 @@ def build_provider_app(routes: list[web.RouteDef], max_body_bytes: int,
     async def handle_health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def handle_metrics(request: web.Request) -> web.Response:
-        return web.Response(text=metrics(), content_type="text/plain", charset="utf-8")
-
     app.add_routes([
         web.get("/openapi.json", handle_openapi),
         web.get("/docs", handle_docs),
         web.get("/healthz", handle_health),
-        web.get("/metrics", handle_metrics),
     ])
     return app
 
 
-def build_admin_app(routes: list[web.RouteDef]) -> web.Application:
+def metrics_handler(render: Callable[[], str]) -> Handler:
+    async def handle_metrics(request: web.Request) -> web.Response:
+        return web.Response(text=render(), headers={"Content-Type": PROMETHEUS_TEXT})
+
+    return handle_metrics
+
+
+def build_admin_app(routes: list[web.RouteDef], metrics: Callable[[], str]) -> web.Application:
     app = web.Application(middlewares=[handle_errors], client_max_size=1 << 20)
-    app.add_routes(routes)
+    app.add_routes([*routes, web.get("/admin/metrics", metrics_handler(metrics))])
+    return app
+
+
+def build_metrics_app(metrics: Callable[[], str]) -> web.Application:
+    """The Prometheus scrape target on `metrics.listen`: GET /metrics and nothing else; no request body."""
+    app = web.Application(middlewares=[handle_errors], client_max_size=1024)
+    app.add_routes([web.get("/metrics", metrics_handler(metrics))])
     return app
