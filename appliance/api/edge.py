@@ -311,11 +311,14 @@ def describe_parse_error(exc: BaseException | None) -> tuple[E.ErrorKind, str]:
     return E.MALFORMED_HTTP, "the request is not well-formed HTTP/1.1"
 
 
+SERVER_NAME = "intrapush"  # never Python's or aiohttp's version: an attacker's map of known flaws (#9)
+
+
 def refusal(kind: E.ErrorKind, detail: str) -> bytes:
     """A whole HTTP/1.1 answer, written before any request is read (the connection gate)."""
     body = json.dumps(ApiError(kind, detail).body()).encode()
     head = (f"HTTP/1.1 {kind.http} {HTTPStatus(kind.http).phrase}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nServer: {SERVER_NAME}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
 
 
@@ -455,7 +458,7 @@ class EdgeRequestHandler(RequestHandler):
                         log_value(type(exc).__name__ if exc else status))
         if request.writer.output_size > 0:
             raise ConnectionError("the answer is already on its way; no error answer can follow")
-        resp = web.json_response(ApiError(kind, detail).body(), status=kind.http)
+        resp = web.json_response(ApiError(kind, detail).body(), status=kind.http, headers={"Server": SERVER_NAME})
         resp.force_close()
         return resp
 

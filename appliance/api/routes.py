@@ -96,7 +96,13 @@ def build_provider_app(routes: list[web.RouteDef], max_body_bytes: int,
         web.get("/docs", handle_docs),
         web.get("/healthz", handle_health),
     ])
+    app.on_response_prepare.append(_name_no_versions)
     return app
+
+
+async def _name_no_versions(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp would announce `Python/3.x aiohttp/3.x` to every client: an attacker's version map (#9)."""
+    response.headers["Server"] = edge.SERVER_NAME
 
 
 def metrics_handler(render: Callable[[], str]) -> Handler:

@@ -49,7 +49,14 @@ def test_public_endpoints_reveal_nothing_private(shared_box: Box) -> None:
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert httpx.get(f"{shared_box.url}/openapi.json").status_code == 200
     assert httpx.get(f"{shared_box.url}/docs").status_code == 200
-    assert httpx.get(f"{shared_box.url}/admin/status").status_code == 404
+    missing = httpx.get(f"{shared_box.url}/admin/status")
+    assert missing.status_code == 404
+    for answer in (health, missing):  # no Python or aiohttp version for an attacker's map
+        assert answer.headers["Server"] == "intrapush"
+    with socket.create_connection(("127.0.0.1", shared_box.port("http"))) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")  # never reaches the app
+        head = raw.recv(65536).split(b"\r\n\r\n")[0].lower()
+    assert b"aiohttp" not in head and b"python" not in head
 
 
 def test_metrics_listener_defaults_to_loopback_and_empty_turns_it_off(tmp_path: Path) -> None:
