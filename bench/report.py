@@ -212,3 +212,35 @@ def _earlier(rows: list[dict[str, Any]]) -> list[str]:
 
 
 __all__ = ["BASELINE_KEYS", "OWN_BASELINE", "markdown", "print_run"]
+
+
+def abuse_markdown(rows: list[dict[str, Any]] | None = None) -> str:
+    """The latest abuse run of each backend (bench/abuse.py)."""
+    rows = rows if rows is not None else load_rows()
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("scenario") == "abuse":
+            last[r["backend"]] = r
+    if not last:
+        return "No abuse run is recorded yet: `python bench/abuse.py`.\n"
+    out = []
+    for backend, r in last.items():
+        m = r["machine"]
+        out.append(f"{backend} backend: {r['devices']:,} devices at {r['rate']:,} pushes/s, {r['hostile']} hostile, "
+                   f"{r['seconds']} s per phase; run {r['run']}, commit `{r['commit']}`, machine `{m['node']}` "
+                   f"({m['cpus']} CPUs, load {m['loadavg_1m_at_start']} at start).\n")
+        out += ["| phase | 202s | refused | undelivered | 202 latency p50 / p99 / max | "
+                "delivery latency p50 / p99 / max |", "|---|---|---|---|---|---|"]
+        for name in ("without_flood", "with_flood"):
+            p = r[name]
+            a, d = p["accept_ms"], p["delivery_ms"]
+            out.append(f"| {name.replace('_', ' ')} | {p['answered_202']:,} | {sum(p['refused'].values())} | "
+                       f"{p['undelivered']} | {a['p50']} / {a['p99']} / {a['max']} ms | "
+                       f"{d['p50']} / {d['p99']} / {d['max']} ms |")
+        ratio = r["p99_ratio"]
+        f = r["flood"]
+        out.append(f"\np99 with / without the flood: 202 latency **{ratio['accept']}×**, delivery latency "
+                   f"**{ratio['delivery']}×** (target ≤ 2×). The flood: {f.get('ack_messages', 0):,} ack messages "
+                   f"({f.get('ack_ids', 0):,} ids), {f.get('hellos', 0):,} hellos, {f.get('logins', 0):,} logins; "
+                   f"cut off by the box {f.get('cut_off_by_box', 0)} times.\n")
+    return "\n".join(out)
