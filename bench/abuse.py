@@ -217,6 +217,7 @@ async def phase(session: aiohttp.ClientSession, url: str, fleet: Fleet, tokens: 
     undelivered = max(0, accepted - len(stats.latencies))
     a, lat = sorted(answer), sorted(stats.latencies + [math.inf] * undelivered)
     return {"pushes": count, "answered_202": accepted, "refused": refused, "achieved_per_s": round(count / elapsed),
+            "elapsed_s": round(elapsed, 2),
             "undelivered": undelivered, "ids": ids,
             "accept_ms": {"p50": pct_ms(a, 0.5), "p99": pct_ms(a, 0.99), "max": pct_ms(a, 1.0)},
             "delivery_ms": {"p50": pct_ms(lat, 0.5), "p99": pct_ms(lat, 0.99), "max": pct_ms(lat, 1.0)}}
@@ -261,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"phase 1: {args.rate}/s for {args.seconds} s, no flood", flush=True)
                 cpu = d.cpu_s()
                 quiet = await phase(session, d.url, fleet, tokens, args.rate, args.seconds, rnd, args.request_timeout)
-                quiet["box_cpu_pct"] = round((d.cpu_s() - cpu) / args.seconds * 100)
+                quiet["box_cpu_pct"] = round((d.cpu_s() - cpu) / quiet["elapsed_s"] * 100)
                 config = {"host": "127.0.0.1", "port": d.mqtt_port, "hostile": hostile, "seconds": args.seconds + 2,
                           "ids": quiet["ids"][-5000:]}
                 child = subprocess.Popen([sys.executable, __file__, "--flood-child"], stdin=subprocess.PIPE,
@@ -273,7 +274,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"phase 2: {args.rate}/s for {args.seconds} s, {args.hostile} hostile devices flooding", flush=True)
                 cpu = d.cpu_s()
                 flooded = await phase(session, d.url, fleet, tokens, args.rate, args.seconds, rnd, args.request_timeout)
-                flooded["box_cpu_pct"] = round((d.cpu_s() - cpu) / args.seconds * 100)
+                flooded["box_cpu_pct"] = round((d.cpu_s() - cpu) / flooded["elapsed_s"] * 100)
                 out = await asyncio.to_thread(child.stdout.read)  # the child ends when its phase does
                 child.wait(10)
                 flood = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
@@ -318,6 +319,9 @@ def print_row(row: dict[str, Any]) -> None:
               f"{ms(dl['max']):>8}  "
               f"{p['box_cpu_pct']} %")
     f = row["flood"]
+    for name in ("without_flood", "with_flood"):
+        if row[name]["refused"]:
+            print(f"{name.replace('_', ' ')}: not accepted: {row[name]['refused']}")
     print(f"flood: {f.get('logins', 0):,} logins, {f.get('ack_messages', 0):,} ack messages ({f.get('ack_ids', 0):,} ids), "
           f"{f.get('hellos', 0):,} hellos, {f.get('pushes_received', 0):,} pushes resent to the hostile, "
           f"cut off by the box {f.get('cut_off_by_box', 0)}, refused {f.get('refused', 0)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results.jsonl"
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results.jsonl")  # another file: for trials
 SCHEMA = 2  # rows before it carry no commit, filesystem, repetitions or ratios
 
 # The figure that stands for each scenario, and how it becomes a ratio to a raw relay rate (msgs/s):

@@ -106,7 +106,8 @@ def print_run(run: list[dict[str, Any]] | None = None) -> None:
             print(f"{label(r):<50} {backend:<10} {value:>12} {r['spread']:>7.0%} {ratio_text(r):>34}  {acked}")
     for r in run:
         if r["scenario"] == "hold":
-            print(f"hold {r['backend']}: {r['devices']:,} devices, connect {_n(r['connect_per_s'])}/s, "
+            print(f"hold {r['backend']}: {r['devices']:,} devices, connect {_n(r['connect_per_s'])}/s "
+                  f"({r['ratio'][r['ratio_to']]:.3g}× {RELAY[r['ratio_to']]}), "
                   f"KiB/device {r['kib_per_device']}, idle CPU {r['idle_cpu_pct']} %, lost {r['lost']}")
         if r["scenario"] == "crash":
             print(f"crash {r['backend']}: {r['lost']} of {r['answered_202']:,} answered 202 never delivered, "
@@ -159,7 +160,8 @@ def _ratio_tables(run: list[dict[str, Any]]) -> list[str]:
     crashes = {r["backend"]: r for r in run if r["scenario"] == "crash"}
     if holds:
         out.append("| hold: connect rate | " + " | ".join(
-            f"{_n(holds[b]['connect_per_s'])} /s" if b in holds else "" for b in BACKENDS) + " |")
+            f"{_n(holds[b]['connect_per_s'])} /s ({holds[b]['ratio'][holds[b]['ratio_to']]:.3g}× "
+            f"{RELAY[holds[b]['ratio_to']]})" if b in holds else "" for b in BACKENDS) + " |")
         out.append("| hold: memory per device (KiB, by process) | " + " | ".join(
             ", ".join(f"{k} {v}" for k, v in holds[b]["kib_per_device"].items()) if b in holds else ""
             for b in BACKENDS) + " |")

@@ -35,7 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import StoreReader, baseline_summary, record, run_info, summarise  # noqa: E402
+from common import BASELINE_KEYS, OWN_BASELINE, StoreReader, baseline_summary, ratio, record, run_info, summarise  # noqa: E402
 from loadgen import Fleet, relay_rate  # noqa: E402
 from push_path import metric  # noqa: E402
 
@@ -230,7 +230,9 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
                    "rss_before_kib": rss0, "rss_after_kib": rss1,
                    "kib_per_device": {k: round((rss1[k] - rss0.get(k, 0)) / n, 2) for k in rss1},
                    "idle_cpu_pct": round(idle_cpu * 100, 1), "hold_s": args.hold_s,
-                   "online_at_end": int(online), "lost": fleet.stats.lost}
+                   "online_at_end": int(online), "lost": fleet.stats.lost, "baselines": baselines,
+                   "ratio": {name: ratio("rate", n / connect_s, baselines.get(key, 0)) for name, key in BASELINE_KEYS.items()},
+                   "ratio_to": OWN_BASELINE[backend]}
             record(row, quiet=True)
             rows.append(row)
 
