@@ -14,7 +14,8 @@ bench/results.jsonl (by the suite or an earlier gate run):
     threshold = best x (1 - allowed) for rates, best x (1 + allowed) for latencies (lower is better)
 
 Exit 1 when a ratio is past its threshold, with a line naming the scenario, the ratio, the best and the
-threshold; exit 0 otherwise (a scenario with no recorded row passes and its row becomes the reference).
+threshold; else exit 2 when this run's own noise is over 50 % for some scenario (too noisy to judge: rerun
+on a quieter machine); else exit 0 (a scenario with no recorded row passes; its row becomes a reference).
 The run's rows are appended to results.jsonl (not with BENCH_NO_RECORD=1).
 """
 
@@ -31,6 +32,7 @@ from report import label, print_run  # noqa: E402
 from suite import parser, run_suite, tune  # noqa: E402
 
 FLOOR, FLOOR_FEW, FEW = 0.10, 0.15, 3
+TOO_NOISY = 0.5  # a run whose own noise is past this cannot tell a regression from the machine
 
 
 def key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -50,7 +52,8 @@ def judge(run: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[dict
         lower_better = row["kind"] == "latency"
         refs = [r for r in history if r.get("schema", 1) >= SCHEMA and r.get("run") != row.get("run")
                 and key(r) == key(row) and own_ratio(r) is not None]
-        v: dict[str, Any] = {"row": row, "ratio": own_ratio(row), "recorded": len(refs)}
+        v: dict[str, Any] = {"row": row, "ratio": own_ratio(row), "recorded": len(refs),
+                             "too_noisy": ratio_noise(row) > TOO_NOISY}
         if not refs:
             v.update(best=None, threshold=None, ok=True)
         else:
@@ -59,7 +62,7 @@ def judge(run: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[dict
             allowed = max(2 * noise, FLOOR if len(refs) >= FEW else FLOOR_FEW)
             b = own_ratio(best)
             assert b is not None
-            threshold = b * (1 + allowed) if lower_better else b * (1 - allowed)
+            threshold = b * (1 + allowed) if lower_better else b * max(0.0, 1 - allowed)
             ok = v["ratio"] <= threshold if lower_better else v["ratio"] >= threshold
             v.update(best=b, best_run=best.get("run"), best_commit=best.get("commit"), noise=noise,
                      allowed=allowed, threshold=threshold, ok=ok)
@@ -77,8 +80,9 @@ def print_verdicts(verdicts: list[dict[str, Any]]) -> None:
             print(f"{label(r):<44} {r['backend']:<10} {v['ratio']:>9.4g} {'-':>9} {'-':>8} {'-':>10}  "
                   "pass (no recorded reference yet)")
             continue
+        verdict = "REGRESSION" if not v["ok"] else "too noisy to judge" if v["too_noisy"] else "pass"
         print(f"{label(r):<44} {r['backend']:<10} {v['ratio']:>9.4g} {v['best']:>9.4g} {v['allowed']:>8.0%} "
-              f"{v['threshold']:>10.4g}  {'pass' if v['ok'] else 'REGRESSION'}")
+              f"{v['threshold']:>10.4g}  {verdict}")
     for v in verdicts:
         if not v["ok"]:
             r = v["row"]
@@ -100,7 +104,14 @@ def main() -> int:
     print_run(run)
     verdicts = judge(run, history)
     print_verdicts(verdicts)
-    return 0 if all(v["ok"] for v in verdicts) else 1
+    if not all(v["ok"] for v in verdicts):
+        return 1
+    noisy = [label(v["row"]) + " on " + v["row"]["backend"] for v in verdicts if v["too_noisy"]]
+    if noisy:
+        print(f"NOT JUDGED: the repetitions spread by more than {TOO_NOISY:.0%} (figure and baseline together) for: "
+              + "; ".join(noisy) + ". Rerun on a quieter machine.")
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ def print_run(run: list[dict[str, Any]] | None = None) -> None:
         print("no run of schema 2 recorded in bench/results.jsonl yet")
         return
     print("\n" + _about(run).replace("`", ""))
+    m = run[0]["machine"]
+    if (m.get("loadavg_1m_at_start") or 0) > 0.25 * (m.get("cpus") or 1):
+        print(f"WARNING: load average {m['loadavg_1m_at_start']} on {m['cpus']} CPUs at the start: other processes "
+              "took CPU during this run, and a steady load does not show in the spread; its figures are low")
     base = _find(run, "baseline_relay_qos1", None)
     if base:
         print(f"baselines (median of {base['repeat']}): raw amqtt {_n(base['amqtt_msgs_per_s'])} msg/s "
