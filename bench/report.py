@@ -220,6 +220,10 @@ def _earlier(rows: list[dict[str, Any]]) -> list[str]:
 __all__ = ["BASELINE_KEYS", "OWN_BASELINE", "markdown", "print_run"]
 
 
+def _ms(v: float | None) -> str:
+    return "timeout" if v is None else f"{v} ms"
+
+
 def abuse_markdown(rows: list[dict[str, Any]] | None = None) -> str:
     """The latest abuse run of each backend (bench/abuse.py)."""
     rows = rows if rows is not None else load_rows()
@@ -241,12 +245,14 @@ def abuse_markdown(rows: list[dict[str, Any]] | None = None) -> str:
             p = r[name]
             a, d = p["accept_ms"], p["delivery_ms"]
             out.append(f"| {name.replace('_', ' ')} | {p['answered_202']:,} | {sum(p['refused'].values())} | "
-                       f"{p['undelivered']} | {a['p50']} / {a['p99']} / {a['max']} ms | "
-                       f"{d['p50']} / {d['p99']} / {d['max']} ms |")
-        ratio = r["p99_ratio"]
+                       f"{p['undelivered']} | {_ms(a['p50'])} / {_ms(a['p99'])} / {_ms(a['max'])} | "
+                       f"{_ms(d['p50'])} / {_ms(d['p99'])} / {_ms(d['max'])} |")
+        ratio = {k: "timeout" if v is None else f"{v}×" for k, v in r["p99_ratio"].items()}
         f = r["flood"]
-        out.append(f"\np99 with / without the flood: 202 latency **{ratio['accept']}×**, delivery latency "
-                   f"**{ratio['delivery']}×** (target ≤ 2×). The flood: {f.get('ack_messages', 0):,} ack messages "
+        out.append(f"\np99 with / without the flood: 202 latency **{ratio['accept']}**, delivery latency "
+                   f"**{ratio['delivery']}** (target ≤ 2×). The flood: {f.get('ack_messages', 0):,} ack messages "
                    f"({f.get('ack_ids', 0):,} ids), {f.get('hellos', 0):,} hellos, {f.get('logins', 0):,} logins; "
-                   f"cut off by the box {f.get('cut_off_by_box', 0)} times.\n")
+                   f"cut off by the box {f.get('cut_off_by_box', 0)} times. Pushes pending for offline devices "
+                   f"that the store marked acked on the hostile devices' acks: "
+                   f"**{r.get('victim_deliveries_acked_by_others', '-')}** of {r.get('victim_deliveries', '-')}.\n")
     return "\n".join(out)

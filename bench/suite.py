@@ -336,7 +336,8 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
 
             rnd = random.Random(5)
             runs: dict[tuple[str, int | None], list[dict[str, Any]]] = defaultdict(list)
-            for rep in range(args.repeat):
+            repeated = {"batch", "single", "latency", "broadcast", "storm"} & set(args.only)
+            for rep in range(args.repeat if repeated else 0):
                 print(f"{backend}: repetition {rep + 1} of {args.repeat}", flush=True)
                 if "batch" in args.only:
                     batches = []
