@@ -183,12 +183,15 @@ class Daemon:
 
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         self._tasks.append(asyncio.create_task(tls.watch()))
-        (self.cfg.data_dir / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
         for name, addr in self.addresses.items():
             if name in ("mqtt", "mqtt-ws", "http") or (name == "metrics" and not _is_loopback(addr)):
                 log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
                             "no TLS on this listener: use it only on a trusted network")
         log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
+        # run.json last, whole (written aside, then renamed): who sees it sees a started daemon.
+        run_file = self.cfg.data_dir / RUN_FILE
+        run_file.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
+        run_file.with_suffix(".tmp").replace(run_file)
         # What start-up built (directory, TLS contexts, broker) lives as long as the daemon: keep it out of
         # the collector's full scans, and let young objects (a push's dicts) die before a collection sees
         # them. Unchanged, a full collection came every ~0.4 s under load, took 40-75 ms at 10,000
