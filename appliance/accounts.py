@@ -163,6 +163,11 @@ class OfflineAccounts:
         app_id = self.store.write_now(*_enrollment_args(name_or_id, require_ticket, actor))
         return {"app_id": app_id, "require_ticket": require_ticket}
 
+    def set_limits(self, name_or_id: str, pushes_per_s: float | None, targets_per_min: float | None,
+                   actor: str) -> dict[str, Any]:
+        app_id = self.store.write_now(*_limits_args(name_or_id, pushes_per_s, targets_per_min, actor))
+        return {"app_id": app_id, "pushes_per_s": pushes_per_s, "targets_per_min": targets_per_min}
+
     def list_devices(self, app: str | None) -> list[dict[str, Any]]:
         app_id = None if app is None else self.store.read_now(_app_id_checked, app)
         return [_public_device(d) for d in self.store.read_now(sql_devices.select_devices, app_id)]
@@ -182,6 +187,13 @@ def _fallback_args(name_or_id: str, policy: dict[str, Any] | None, actor: str) -
     text = json.dumps(policy) if policy else None
     return (_app_setting_checked, name_or_id, "app.set_fallback",
             lambda conn, app_id: sql_escalations.set_app_fallback(conn, app_id, text), {"fallback": policy}, actor)
+
+
+def _limits_args(name_or_id: str, pushes_per_s: float | None, targets_per_min: float | None,
+                 actor: str) -> tuple[Any, ...]:
+    return (_app_setting_checked, name_or_id, "app.set_limits",
+            lambda conn, app_id: sql_apps.set_limits(conn, app_id, pushes_per_s, targets_per_min),
+            {"pushes_per_s": pushes_per_s, "targets_per_min": targets_per_min}, actor)
 
 
 def _enrollment_args(name_or_id: str, require_ticket: bool, actor: str) -> tuple[Any, ...]:
@@ -234,6 +246,7 @@ class Accounts(OfflineAccounts):
         self.directory = directory
         self.drop_device = drop_device
         self.credentials: BrokerCredentials = credentials or DirectoryCredentials()
+        self.on_limits: Callable[[App], None] = lambda app: None  # the provider API's rate limiter follows
 
     def load(self) -> None:
         for row in self.store.read_now(sql_apps.select_apps):
@@ -280,6 +293,15 @@ class Accounts(OfflineAccounts):
         app_id = await self.store.write(*_enrollment_args(name_or_id, require_ticket, actor))
         self.directory.apps[app_id].require_ticket = require_ticket
         return {"app_id": app_id, "require_ticket": require_ticket}
+
+    async def set_limits_async(self, name_or_id: str, pushes_per_s: float | None, targets_per_min: float | None,
+                               actor: str) -> dict[str, Any]:
+        """The app's send limits (None: the box's default; 0: none)."""
+        app_id = await self.store.write(*_limits_args(name_or_id, pushes_per_s, targets_per_min, actor))
+        app = self.directory.apps[app_id]
+        app.pushes_per_s, app.targets_per_min = pushes_per_s, targets_per_min
+        self.on_limits(app)
+        return {"app_id": app_id, "pushes_per_s": pushes_per_s, "targets_per_min": targets_per_min}
 
     async def set_alias_contact(self, app_id: str, alias: str, phone: str | None, email: str | None) -> None:
         await self.store.write(sql_escalations.set_alias_contact, app_id, alias, phone, email, time.time())
@@ -396,6 +418,7 @@ def _public_app(row: dict[str, Any]) -> dict[str, Any]:
             "previous_secret_valid_until": (row["secret_prev_until"]
                                             if (row["secret_prev_until"] or 0) > now else None),
             "require_ticket": bool(row["require_ticket"]), "devices": row["devices"],
+            "limits": {"pushes_per_s": row["pushes_per_s"], "targets_per_min": row["targets_per_min"]},
             "fallback": json.loads(row["fallback"]) if row["fallback"] else None}
 
 

@@ -9,10 +9,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.config import BY_NAME, SETTINGS, Config, ConfigError
+from appliance.config import BY_NAME, CONFIG_FILE_NAME, SETTINGS, Config, ConfigError
 from appliance.errors import ApiError, ApplianceError
 from certs import CertError
 
@@ -35,23 +36,32 @@ def _load_config(args: argparse.Namespace, flags: dict[str, Any] | None = None) 
 
 # -- serve ---------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.daemon import Daemon, prepare_data_dir
+    from appliance import datadir
+    from appliance.daemon import Daemon
     from appliance.logs import setup_logging
 
-    prepare_data_dir(_data_dir(args), write_config=not getattr(args, "config", None))
-    flags = {}
-    if args.http_listen is not None:
-        flags["api.listen"] = args.http_listen
-    if args.mqtt_listen is not None:
-        flags["broker.listen"] = args.mqtt_listen
-    cfg = _load_config(args, flags)
-    setup_logging(cfg.log.level, cfg.log.format, cfg.log.overrides)
+    data_dir = _data_dir(args)
+    lock = datadir.claim(data_dir)  # first, before anything is touched: one daemon per data directory (#9)
     try:
-        import uvloop  # a dependency on Linux; plain asyncio elsewhere
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    runner(Daemon(cfg).run())
+        os.umask(0o077)  # everything the daemon creates (database, run.json, sockets) is its user's alone
+        datadir.secure(data_dir)
+        datadir.prepare(data_dir, write_config=not getattr(args, "config", None))
+        flags = {}
+        if args.http_listen is not None:
+            flags["api.listen"] = args.http_listen
+        if args.mqtt_listen is not None:
+            flags["broker.listen"] = args.mqtt_listen
+        cfg = _load_config(args, flags)
+        datadir.secure(data_dir, data_dir / CONFIG_FILE_NAME, *datadir.store_files(cfg.path("store.path")))
+        setup_logging(cfg.log.level, cfg.log.format, cfg.log.overrides)
+        try:
+            import uvloop  # a dependency on Linux; plain asyncio elsewhere
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        runner(Daemon(cfg).run())
+    finally:
+        lock.release()
     return 0
 
 
@@ -119,24 +129,18 @@ def cmd_fallback_test(args: argparse.Namespace) -> int:
 
 
 # -- admin operations: through the running daemon's admin socket, else on the store directly -------
+ADMIN_WAIT_S = 10.0  # a daemon that holds the lock but is still starting opens its socket within this
+
+
 class AdminClient:
-    """Runs admin operations through the daemon when it runs, else on the database file."""
+    """Runs admin operations through the daemon when it runs, else on the database file. "Running" means
+    holding the data directory's lock (#9): a daemon we cannot signal or whose socket we cannot open is
+    still running, and its database is never written from here."""
 
-    def __init__(self, data_dir: Path, cfg: Config) -> None:
+    def __init__(self, data_dir: Path, load_config: Callable[[], Config]) -> None:
         self.data_dir = data_dir
-        self.socket = cfg.path("api.admin_socket")
-        self.cfg = cfg
-
-    def daemon_running(self) -> bool:
-        run = self.data_dir / "run.json"
-        if not run.exists():
-            return False
-        try:
-            pid = json.loads(run.read_text())["pid"]
-            os.kill(pid, 0)
-        except (ValueError, KeyError, ProcessLookupError, PermissionError):
-            return False
-        return True
+        self.load_config = load_config  # after the lock: the lock file is readable where the config may not be
+        self.socket = data_dir / "admin.sock"
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         import http.client
@@ -151,7 +155,19 @@ class AdminClient:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.connect(self.unix_path)
 
-        conn = UnixConnection(str(self.socket))
+        deadline = time.monotonic() + ADMIN_WAIT_S
+        while True:
+            conn = UnixConnection(str(self.socket))
+            try:
+                conn.connect()
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                conn.close()
+                if time.monotonic() >= deadline:
+                    raise self._unreachable(exc) from None
+                time.sleep(0.2)
+            except OSError as exc:  # PermissionError: the socket is another user's
+                raise self._unreachable(exc) from None
         payload = json.dumps(body).encode() if body is not None else None
         conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -160,20 +176,41 @@ class AdminClient:
             raise SystemExit(_fail(f"the daemon refused: {doc.get('error')}", json.dumps(doc), 1))
         return doc
 
-    def do(self, method: str, path: str, offline: Any, body: dict[str, Any] | None = None) -> Any:
-        """Through the daemon when it runs, else `offline(accounts)` on the database."""
-        if self.daemon_running():
-            return self.call(method, path, body)
-        return offline(self.offline())
+    def _unreachable(self, exc: OSError) -> ApplianceError:
+        from appliance.datadir import DataDirLock
 
-    def offline(self) -> Any:
+        pid = DataDirLock(self.data_dir).holder()
+        advice = ("run this as the daemon's user" if isinstance(exc, PermissionError)
+                  else f"it did not answer within {ADMIN_WAIT_S:g} s; check that it is not stuck starting")
+        return ApplianceError(
+            f"intrapush (pid {pid if pid is not None else 'unknown'}) holds {self.data_dir}, but its admin socket "
+            f"{self.socket} cannot be opened: {exc.strerror or exc}. The database is not touched while a daemon "
+            f"holds it: {advice}.")
+
+    def do(self, method: str, path: str, offline: Any, body: dict[str, Any] | None = None) -> Any:
+        """Through the daemon when it runs, else `offline(accounts)` on the database, holding the lock."""
+        from appliance import datadir
+
+        lock = datadir.open_for_cli(self.data_dir)
+        try:
+            cfg = self.load_config()
+            self.socket = cfg.path("api.admin_socket")
+            if lock is None:
+                return self.call(method, path, body)
+            os.umask(0o077)  # a database created here is as private as the daemon's
+            return offline(self.offline(cfg))
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def offline(self, cfg: Config) -> Any:
         from appliance.accounts import OfflineAccounts
         from appliance.store import Store
 
         from certs import CertStore
 
-        cert_store = CertStore(self.cfg.path("certs.dir"), passphrase=self.cfg.certs.ca_passphrase or None)
-        return OfflineAccounts(Store(self.cfg.path("store.path"), self.cfg.store.synchronous), cert_store)
+        cert_store = CertStore(cfg.path("certs.dir"), passphrase=cfg.certs.ca_passphrase or None)
+        return OfflineAccounts(Store(cfg.path("store.path"), cfg.store.synchronous), cert_store)
 
 
 def _offline_actor() -> str:
@@ -183,7 +220,7 @@ def _offline_actor() -> str:
 
 
 def _admin(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(_data_dir(args), _load_config(args))
+    return AdminClient(_data_dir(args), lambda: _load_config(args))
 
 
 def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
@@ -235,6 +272,26 @@ def cmd_app_enrollment(args: argparse.Namespace) -> int:
                           {"require_ticket": required})
     _print(args, doc, f"{doc['app_id']}: " + ("devices enroll only with a ticket from the app server" if required
                                                 else "devices may enroll with the enrollment secret (anonymous)"))
+    return 0
+
+
+def cmd_app_limits(args: argparse.Namespace) -> int:
+    def value(raw: str | None) -> float | None:
+        return None if raw in (None, "default") else float(raw)
+
+    try:
+        body = {"pushes_per_s": value(args.pushes_per_s), "targets_per_min": value(args.targets_per_min)}
+    except ValueError:
+        return _fail("app set-limits: a limit is a number, 0 (no limit) or `default`", "", 2)
+    doc = _admin(args).do("PUT", f"/admin/apps/{args.app}/limits",
+                          lambda acc: acc.set_limits(args.app, body["pushes_per_s"], body["targets_per_min"],
+                                                     _offline_actor()), body)
+
+    def show(v: float | None) -> str:
+        return "the box's default" if v is None else "no limit" if v == 0 else f"{v:g}"
+
+    _print(args, doc, f"{doc['app_id']}: pushes per second: {show(doc['pushes_per_s'])}; "
+                      f"targets per minute: {show(doc['targets_per_min'])}")
     return 0
 
 
@@ -293,8 +350,13 @@ def cmd_device_simulate(args: argparse.Namespace) -> int:
         return _fail("device simulate needs --secret or --ticket", "--secret enrolls anonymous devices; --ticket "
                      "(from POST /v1/enrollment-tickets) enrolls one device bound to the ticket's user", 2)
     credentials = [args.ticket] if args.ticket else [args.secret] * args.devices
-    return asyncio.run(simulate(args.url, args.app_id, credentials, args.seconds, args.platform, args.mqtt_host,
-                                args.cacert))
+    from appliance.device import EnrollmentRefused
+
+    try:
+        return asyncio.run(simulate(args.url, args.app_id, credentials, args.seconds, args.platform, args.mqtt_host,
+                                    args.cacert))
+    except EnrollmentRefused as exc:
+        return _fail("the box refused the enrollment", str(exc), 1)
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -350,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--off", action="store_true", help="no default fallback")
     fb.set_defaults(func=cmd_app_fallback)
 
+    lim = app.add_parser("set-limits", parents=[common], help="the app's send limits (429 when over)")
+    lim.add_argument("app", help="app id or name")
+    lim.add_argument("--pushes-per-s", default="default", help="pushes accepted per second; 0: no limit; "
+                                                               "default: limits.app_pushes_per_s")
+    lim.add_argument("--targets-per-min", default="default", help="devices reached per minute; 0: no limit; "
+                                                                  "default: limits.app_targets_per_min")
+    lim.set_defaults(func=cmd_app_limits)
+
     audit = sub.add_parser("audit", parents=[common], help="who created, rotated, revoked or deleted what, newest first")
     audit.add_argument("--app", help="only this app (id or name)")
     audit.add_argument("--limit", type=int, help="at most this many entries (default 100, at most 1000)")
@@ -403,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("cannot continue", str(exc), 1)
     except CertError as exc:
         return _fail(f"certificate operation refused ({type(exc).__name__})", str(exc), 1)
+    except PermissionError as exc:
+        return _fail("permission denied", f"{exc.filename or ''}: {exc.strerror}; run as the user that owns the data "
+                     "directory", 1)
     except KeyboardInterrupt:
         return 130
 

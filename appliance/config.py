@@ -78,6 +78,18 @@ SETTINGS: tuple[Setting, ...] = (
     S("api", "max_body_bytes", 2097152, "largest HTTP request body accepted", minimum=1024),
     S("api", "max_batch", 500, "most messages in one POST /v1/messages", minimum=1, maximum=10000),
     S("api", "max_tokens", 10000, "most tokens in one message's `to.tokens`", minimum=1, maximum=100000),
+    # The HTTP edge (#16). A provider on the LAN sends a request head in milliseconds; 10 s is slack for
+    # a loaded box, and short enough that slow-drip clients cannot hold sockets for minutes.
+    S("api", "header_timeout_s", 10.0, "a connection must complete its TLS handshake, and each request head, within this (from connect or from its previous answer)",
+      minimum=0.05, maximum=3600),
+    S("api", "body_timeout_s", 30.0, "a request body must arrive in full within this; else 408", minimum=0.05, maximum=3600),
+    S("api", "max_connections", 1024, "most open HTTP connections per API listener; more get 503", minimum=1),
+    # App servers pool a few connections each; 64 leaves room for a busy one and stops one address holding them all.
+    S("api", "max_connections_per_address", 64, "most open HTTP connections from one source address; more get 429", minimum=1),
+    S("api", "max_header_bytes", 8190, "longest request line or header line; longer gets 431", minimum=1024, maximum=65536),
+    # An answer naming every unknown token of a big batch ran to 16 MB (#16); 1,000 is plenty to prune by.
+    S("api", "max_unregistered_listed", 1000, "most `unregistered` entries listed in one answer; the rest are counted in `unregistered_omitted`",
+      minimum=1),
     # --- push -----------------------------------------------------------------------------------
     # A week covers a long weekend plus holidays; FCM allows 28 days, which is our ceiling.
     S("push", "default_ttl_s", 604800, "lifetime of a push that gives no ttl_s", minimum=0),
@@ -110,10 +122,20 @@ SETTINGS: tuple[Setting, ...] = (
     S("fallback.sms", "rate_per_min", 30.0, "most SMS started per minute; a burst waits in the store", minimum=0.01),
     S("fallback.email", "transport", "", "e-mail transport; empty turns e-mail fallback off", choices=("", "smtp")),
     S("fallback.email", "rate_per_min", 120.0, "most e-mails started per minute; a burst waits in the store", minimum=0.01),
+    # --- limits ---------------------------------------------------------------------------------
+    # Off by default: one box usually serves a few known apps; a site that hosts many sets these so that one
+    # app's burst cannot take the writer from the others (per app: `intrapush app set-limits`).
+    S("limits", "app_pushes_per_s", 0.0, "pushes one app may send per second (429 beyond); 0 is no limit", minimum=0),
+    S("limits", "app_targets_per_min", 0.0, "devices one app's pushes may reach per minute (429 beyond); 0 is no limit",
+      minimum=0),
     # --- log ------------------------------------------------------------------------------------
     S("log", "level", "info", "log level", choices=("debug", "info", "warning", "error")),
     S("log", "format", "text", "log format", choices=("text", "json")),
     S("log", "overrides", "", "per-logger levels, e.g. `appliance.broker=debug,amqtt=warning`"),
+    # --- metrics --------------------------------------------------------------------------------
+    # Loopback: counters of traffic and devices are nobody's business off the box until the operator
+    # binds this to a management address. 9464 is the port Prometheus exporters of OpenTelemetry use.
+    S("metrics", "listen", "127.0.0.1:9464", "Prometheus GET /metrics over plain HTTP, host:port; empty turns it off"),
 )
 del S
 
@@ -293,7 +315,7 @@ class Config:
                 problems.append(f"flag for `{name}`: {exc}")
 
         for name in ("broker.listen", "broker.ws_listen", "broker.tls_listen", "broker.wss_listen", "api.listen",
-                     "api.tls_listen"):
+                     "api.tls_listen", "metrics.listen"):
             try:
                 parse_listen(values[name])
             except ValueError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -18,11 +19,14 @@ from aiohttp import web
 from appliance import metrics
 from appliance.accounts import Accounts
 from appliance.api.admin import AdminApi
+from appliance.api.limits import Limits
+from appliance.api.edge import EdgeLimits, EdgeRunner, EdgeSite
 from appliance.api.openapi import ApiLimits
 from appliance.api.provider import ProviderApi, ProviderSettings
-from appliance.api.routes import build_admin_app, build_provider_app
+from appliance.api.routes import build_admin_app, build_metrics_app, build_provider_app
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
-from appliance.config import CONFIG_FILE_NAME, Config, parse_listen, render_default_file
+from appliance.config import Config, parse_listen
+from appliance.datadir import RUN_FILE
 from appliance.directory import Directory
 from appliance.dispatch import Dispatcher
 from appliance.errors import StartupError
@@ -36,16 +40,7 @@ from fallback.base import Notice
 
 GC_THRESHOLDS = (50_000, 20, 100)
 log = logging.getLogger("appliance.daemon")
-RUN_FILE = "run.json"
 PURGE_EVERY_S = 3600.0
-
-
-def prepare_data_dir(data_dir: Path, write_config: bool = True) -> None:
-    """Create the data directory (0700) and, on first start, the annotated config file in it."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config_file = data_dir / CONFIG_FILE_NAME
-    if write_config and not config_file.exists():
-        config_file.write_text(render_default_file(), encoding="utf-8")
 
 
 def build_fallback_senders(cfg: Config) -> dict[str, Any]:
@@ -77,6 +72,10 @@ def fallback_settings(cfg: Config) -> dict[str, ChannelSettings]:
 def _address(sock_name: tuple[Any, ...]) -> str:
     host, port = sock_name[0], sock_name[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.rpartition(":")[0].strip("[]")).is_loopback
 
 
 class Daemon:
@@ -159,18 +158,22 @@ class Daemon:
             keepalive={"ios": b.keepalive_ios_s, "android": b.keepalive_android_s,
                        "web": b.keepalive_web_s, "desktop": b.keepalive_desktop_s},
         )
-        provider = ProviderApi(settings, self.directory, dispatcher, store, accounts)
+        provider = ProviderApi(settings, self.directory, dispatcher, store, accounts,
+                               Limits(cfg.limits.app_pushes_per_s, cfg.limits.app_targets_per_min))
         contract = ApiLimits(cfg.api.max_body_bytes, cfg.api.max_batch, cfg.api.max_tokens, cfg.push.max_ttl_s,
                              cfg.push.max_payload_bytes)
-        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, self.render_metrics, contract)
-        runner = web.AppRunner(http, access_log=None, handle_signals=False)
+        http = build_provider_app(provider.routes(), cfg.api.max_body_bytes, EdgeLimits(
+            cfg.api.header_timeout_s, cfg.api.body_timeout_s, cfg.api.max_connections,
+            cfg.api.max_connections_per_address, cfg.api.max_header_bytes, cfg.api.max_unregistered_listed),
+            contract)
+        runner = EdgeRunner(http, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
         for name, listen, ctx in (("https", cfg.api.tls_listen, tls.context("none")), ("http", cfg.api.listen, None)):
             addr = parse_listen(listen)
             if not addr:
                 continue
-            site = web.TCPSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
+            site = EdgeSite(runner, addr[0], addr[1], ssl_context=ctx, reuse_address=True)
             try:
                 await site.start()
             except OSError as exc:
@@ -179,11 +182,35 @@ class Daemon:
         if "https" not in self.addresses and "http" not in self.addresses:
             raise StartupError("no HTTP listener: set api.tls_listen (or api.listen)")
 
-        admin = AdminApi(accounts, self.status)
+        await self._serve_admin(AdminApi(accounts, self.status))
+        await self._serve_metrics()
+
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        self._tasks.append(asyncio.create_task(tls.watch()))
+        for name, addr in self.addresses.items():
+            if name in ("mqtt", "mqtt-ws", "http") or (name == "metrics" and not _is_loopback(addr)):
+                log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
+                            "no TLS on this listener: use it only on a trusted network")
+        log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
+        # run.json last, whole (written aside, then renamed): who sees it sees a started daemon.
+        run_file = self.cfg.data_dir / RUN_FILE
+        run_file.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
+        run_file.with_suffix(".tmp").replace(run_file)
+        # What start-up built (directory, TLS contexts, broker) lives as long as the daemon: keep it out of
+        # the collector's full scans, and let young objects (a push's dicts) die before a collection sees
+        # them. Unchanged, a full collection came every ~0.4 s under load, took 40-75 ms at 10,000
+        # devices, found nothing to free, and held every push meanwhile.
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+
+    async def _serve_admin(self, admin: AdminApi) -> None:
+        """The admin API on its Unix socket, owner only. The data directory's lock is ours (appliance/datadir.py),
+        so a socket file left here is a dead daemon's: replace it."""
         socket_path = self.cfg.path("api.admin_socket")
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
-        admin_runner = web.AppRunner(build_admin_app(admin.routes()), access_log=None, handle_signals=False)
+        admin_runner = web.AppRunner(build_admin_app(admin.routes(), self.render_metrics), access_log=None,
+                                     handle_signals=False)
         await admin_runner.setup()
         self._runners.append(admin_runner)
         old_umask = os.umask(0o077)  # the socket is the admin API's access control: owner only
@@ -193,20 +220,22 @@ class Daemon:
             os.umask(old_umask)
         self.addresses["admin"] = str(socket_path)
 
-        self._tasks.append(asyncio.create_task(self._sweep_forever()))
-        self._tasks.append(asyncio.create_task(tls.watch()))
-        (self.cfg.data_dir / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
-        for name, addr in self.addresses.items():
-            if name in ("mqtt", "mqtt-ws", "http"):
-                log.warning("event=plain_listener name=%s address=%s note=%s", name, addr,
-                            "no TLS on this listener: use it only on a trusted network")
-        log.info("event=listening %s", " ".join(f"{k}={v}" for k, v in self.addresses.items()))
-        # What start-up built (directory, TLS contexts, broker) lives as long as the daemon: keep it out of
-        # the collector's full scans, and let young objects (a push's dicts) die before a collection sees
-        # them. Unchanged, a full collection came every ~0.4 s under load, took 40-75 ms at 10,000
-        # devices, found nothing to free, and held every push meanwhile.
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+    async def _serve_metrics(self) -> None:
+        """Prometheus text on its own plain-HTTP listener (`metrics.listen`, loopback by default), never on the
+        provider port, which faces every application server (#9)."""
+        listen = self.cfg.metrics.listen
+        addr = parse_listen(listen)
+        if not addr:
+            return
+        runner = web.AppRunner(build_metrics_app(self.render_metrics), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"the metrics listener cannot listen on {listen}: {exc.strerror}") from exc
+        self.addresses["metrics"] = _address(site._server.sockets[0].getsockname())  # noqa: SLF001
 
     async def _broker_logins(self) -> list[tuple[str, str | None]]:
         """Every active device's MQTT login, for a broker that holds them itself (Mosquitto)."""

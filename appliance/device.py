@@ -34,6 +34,17 @@ def tls_context(cafile: str | None = None, cadata: str | None = None) -> ssl.SSL
     return ssl.create_default_context(cafile=cafile, cadata=cadata)
 
 
+class EnrollmentRefused(Exception):
+    """The box refused the enrollment: `status` and the error body (`code`, `error`) say why."""
+
+    def __init__(self, status: int, doc: Any) -> None:
+        self.status = status
+        self.doc = doc
+        detail = doc.get("error") if isinstance(doc, dict) else doc
+        code = doc.get("code") if isinstance(doc, dict) else None
+        super().__init__(f"HTTP {status}" + (f" code {code}" if code else "") + f": {detail}")
+
+
 async def enroll(url: str, app_id: str, credential: str, device_id: str, platform: str = "desktop",
                  package: str = "com.example.app", previous: dict[str, str] | None = None,
                  session: aiohttp.ClientSession | None = None,
@@ -49,9 +60,13 @@ async def enroll(url: str, app_id: str, credential: str, device_id: str, platfor
     try:
         async with session.post(f"{url}/v1/devices", json=body, ssl=ssl_context if ssl_context else True,
                                 headers={"Authorization": f"Bearer {credential}"}) as resp:
-            doc = await resp.json()
+            text = await resp.text()
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                doc = text[:500]
             if resp.status != 201:
-                raise RuntimeError(f"enrollment refused: HTTP {resp.status} {doc}")
+                raise EnrollmentRefused(resp.status, doc)
             return doc
     finally:
         if own:

@@ -51,13 +51,16 @@ class App:
     secret_prev_hash: str | None = None
     secret_prev_until: float = 0.0
     require_ticket: bool = False
+    pushes_per_s: float | None = None  # send limits; None: the box's default
+    targets_per_min: float | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> App:
         return cls(row["id"], row["name"], row["api_key_hash"], row["enrollment_secret_hash"],
                    json.loads(row["fallback"]) if row["fallback"] else None,
                    row["api_key_prev_hash"], row["api_key_prev_until"] or 0.0,
-                   row["secret_prev_hash"], row["secret_prev_until"] or 0.0, bool(row["require_ticket"]))
+                   row["secret_prev_hash"], row["secret_prev_until"] or 0.0, bool(row["require_ticket"]),
+                   row["pushes_per_s"], row["targets_per_min"])
 
     def enrollment_secret_matches(self, secret: str) -> bool:
         digest = hash_secret(secret)

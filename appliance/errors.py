@@ -68,7 +68,18 @@ METHOD_NOT_ALLOWED = _kind(40501, 405, "method_not_allowed", "the endpoint does 
 APP_EXISTS = _kind(40902, 409, "app_exists", "an app with that name exists")
 UNREGISTERED = _kind(41001, 410, "unregistered", "the token is no longer valid; stop sending to it")
 BODY_TOO_LARGE = _kind(41301, 413, "body_too_large", "the request body is larger than api.max_body_bytes")
+RATE_LIMITED = _kind(42902, 429, "rate_limited",
+                     "the app is over its send limit (pushes per second or targets per minute); retry after Retry-After")
 INTERNAL = _kind(50001, 500, "internal", "internal error; the box logged the details")
+# The HTTP edge (#16): answers to requests that never reach an endpoint, or that the edge cuts short.
+MALFORMED_HTTP = _kind(40012, 400, "malformed_http", "the request is not well-formed HTTP/1.1")
+BAD_HOST = _kind(40013, 400, "bad_host", "the Host header is not a valid host[:port]")
+INCOMPLETE_BODY = _kind(40014, 400, "incomplete_body", "the client ended the request body before Content-Length")
+BODY_TIMEOUT = _kind(40801, 408, "body_timeout", "the request body did not arrive within api.body_timeout_s")
+TOO_MANY_CONNECTIONS = _kind(42901, 429, "too_many_connections",
+                             "this address holds api.max_connections_per_address connections already")
+HEADER_TOO_LARGE = _kind(43101, 431, "header_too_large", "a request line or header is longer than api.max_header_bytes")
+SERVER_BUSY = _kind(50301, 503, "server_busy", "the listener holds api.max_connections connections already")
 
 
 class ApplianceError(Exception):

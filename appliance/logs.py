@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -23,17 +24,35 @@ LOGGERS = (
 )
 
 
+# C0 and C1 controls, DEL, and lone surrogates (undecodable bytes): none may reach a text log line.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _UNPRINTABLE.sub(_escape, record.getMessage()),  # a lone surrogate cannot be written as UTF-8
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """One event, one line: control characters in the message are escaped (`\\x0a`), so no value a
+    client sends can start a forged line (#16); tracebacks keep their own lines below it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = _UNPRINTABLE.sub(_escape, record.message)
+        return super().formatMessage(record)
 
 
 def setup_logging(level: str = "info", fmt: str = "text", overrides: str = "") -> None:
@@ -42,7 +61,7 @@ def setup_logging(level: str = "info", fmt: str = "text", overrides: str = "") -
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -89,23 +89,27 @@ class TlsManager:
         stamp.append(previous.exists())
         return tuple(stamp)
 
-    def reload_if_changed(self) -> bool:
-        """Rebuild the contexts when a certificate, key or CRL file changed (renewal, revocation)."""
+    def build_if_changed(self) -> tuple[tuple[Any, ...], dict[str, ssl.SSLContext]] | None:
+        """New contexts when a certificate, key or CRL file changed (renewal, revocation), else None. Reads
+        and parses files (a CRL may list thousands of serials): run it off the event loop."""
         stamp = self._file_stamp()
         if stamp == self._stamp:
-            return False
+            return None
+        fresh: dict[str, ssl.SSLContext] = {}
         for mode in list(self._current):
             try:
-                self._current[mode] = certs.server_ssl_context(self.store, mode)  # type: ignore[arg-type]
+                fresh[mode] = certs.server_ssl_context(self.store, mode)  # type: ignore[arg-type]
             except certs.CertError as exc:
                 log.error("event=tls_reload_failed mode=%s error=%r note=%r", mode, str(exc),
                           "the previous certificates stay in use")
-                return False
-        self._stamp = stamp
+                return None
+        return stamp, fresh
+
+    def apply(self, built: tuple[tuple[Any, ...], dict[str, ssl.SSLContext]]) -> None:
+        """Swap the new contexts in (on the loop: new handshakes pick them, open connections keep theirs)."""
+        self._stamp, fresh = built
+        self._current.update(fresh)
         log.info("event=tls_reloaded modes=%s", ",".join(self._current))
-        if self.on_reloaded is not None:
-            self.on_reloaded()
-        return True
 
     def check_daily(self) -> None:
         """Refresh the CRL, renew the server certificate when it nears expiry, report what expires."""
@@ -132,7 +136,11 @@ class TlsManager:
                 if elapsed >= DAILY_S:
                     elapsed = 0.0
                     await asyncio.to_thread(self.check_daily)
-                self.reload_if_changed()
+                built = await asyncio.to_thread(self.build_if_changed)  # never parse files on the loop (#10)
+                if built is not None:
+                    self.apply(built)
+                    if self.on_reloaded is not None:  # Mosquitto's bundles are files too: written off the loop
+                        await asyncio.to_thread(self.on_reloaded)
             except Exception:
                 log.exception("event=tls_check_failed")
 

@@ -3,8 +3,8 @@
     python bench/push_path.py [--devices 1000] [--pushes 20000] [--single 2000]
 
 Prints, and appends to bench/results.jsonl: memory per connected device (daemon RSS), durable unicast
-pushes per second (HTTP accepted -> fsynced -> delivered -> device ack received by the box) with
-500-message batches and with single requests.
+pushes per second (HTTP accepted -> fsynced -> delivered -> committed as acked in the store, read back
+read-only) with 500-message batches and with single requests. BENCH_NO_RECORD=1: printed only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import ssl
@@ -26,9 +25,9 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from appliance.device import Device, enroll  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results.jsonl"
+from common import StoreReader, record, run_info  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -44,7 +43,7 @@ def start_daemon(data_dir: Path, extra_env: dict[str, str], tls: bool = False
         {"INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
          "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": ""}
     env = {**os.environ, **listen, "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1",
-           **extra_env}
+           "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0", **extra_env}
     log = open(data_dir.parent / "daemon.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(data_dir)], env=env,
                             stdout=log, stderr=log)
@@ -60,7 +59,8 @@ def start_daemon(data_dir: Path, extra_env: dict[str, str], tls: bool = False
 
 
 async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as r:
+    """One value from the daemon's metrics listener; `url` is http://ADDRESS/metrics (run.json's `metrics`)."""
+    async with session.get(url) as r:
         for line in (await r.text()).splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
@@ -74,13 +74,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     proc, addrs = start_daemon(data_dir, env, args.tls)
     url = "https://" + addrs["https"].replace("127.0.0.1", "localhost") if args.tls else "http://" + addrs["http"]
     mqtt_port = int(addrs["mqtt-tls" if args.tls else "mqtt"].rsplit(":", 1)[1])
+    metrics_url = f"http://{addrs['metrics']}/metrics"
     https = ssl.create_default_context(cafile=str(data_dir / "certs" / "ca.pem")) if args.tls else None
     out = subprocess.run([sys.executable, "-m", "appliance", "app", "create", "bench", "--json", "--data-dir",
                           str(data_dir)], capture_output=True, text=True, check=True)
     app = json.loads(out.stdout)
-    result: dict[str, object] = {"scenario": "push_path", "tls": args.tls, "devices": args.devices, "machine": platform.node(),
-                                 "cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "log_level": args.log_level, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result: dict[str, object] = {**run_info(data_dir, "push_path"), "scenario": "push_path", "tls": args.tls,
+                                 "devices": args.devices, "log_level": args.log_level}
+    store = StoreReader(data_dir)
     try:
         connector = aiohttp.TCPConnector(ssl=https) if https else None
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app['api_key']}"},
@@ -135,13 +136,17 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 received = 0
                 target = expected
                 done.clear()
-                acks0 = await metric(session, url, "intrapush_acks_total")
+                acks0 = await metric(session, metrics_url, "intrapush_acks_total")
                 req_sem = asyncio.Semaphore(concurrency)
+
+                ids: list[str] = []
 
                 async def post(body: dict) -> None:
                     async with req_sem:
                         async with session.post(f"{url}/v1/messages", json=body) as r:
                             assert r.status == 202, await r.text()
+                            doc = await r.json()
+                            ids.extend([x["id"] for x in doc["results"]] if "results" in doc else [doc["id"]])
 
                 cpu0 = sum(os.times()[:2])
                 d0 = Path(f"/proc/{proc.pid}/stat").read_text().split()
@@ -150,14 +155,20 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 accepted_s = time.perf_counter() - t
                 await asyncio.wait_for(done.wait(), 120)
                 delivered_s = time.perf_counter() - t
-                while await metric(session, url, "intrapush_acks_total") - acks0 < expected:
+                while await metric(session, metrics_url, "intrapush_acks_total") - acks0 < expected:
+                    await asyncio.sleep(0.01)
+                # acked means committed: the store, read back, holds every one of them as acked
+                while (acked := await asyncio.to_thread(store.acked, ids)) < expected:
+                    if time.perf_counter() - t > 120:
+                        break
                     await asyncio.sleep(0.01)
                 acked_s = time.perf_counter() - t
                 d1 = Path(f"/proc/{proc.pid}/stat").read_text().split()
                 daemon_cpu = (int(d1[13]) + int(d1[14]) - int(d0[13]) - int(d0[14])) / os.sysconf("SC_CLK_TCK")
                 result[label] = {
                     "pushes": expected, "accepted_per_s": round(expected / accepted_s),
-                    "delivered_per_s": round(expected / delivered_s), "acked_per_s": round(expected / acked_s),
+                    "delivered_per_s": round(expected / delivered_s), "acked_in_store": acked,
+                    "acked_per_s": round(acked / acked_s),
                     "daemon_cpu_us_per_push": round(daemon_cpu / expected * 1e6),
                     "loadgen_cpu_s": round(sum(os.times()[:2]) - cpu0, 1),
                 }
@@ -176,6 +187,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             for dev in devices:
                 await dev.close()
     finally:
+        store.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     return result
@@ -191,8 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(result) + "\n")
+    record(result, quiet=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""The benchmark suite of issue #5: the real daemon, its real HTTP API, thousands of devices from
-bench/loadgen.py, on each broker backend; plus raw amqtt and raw Mosquitto relays as baselines.
+"""The benchmark suite of issues #5 and #18: the real daemon, its real HTTP API, thousands of devices from
+bench/loadgen.py, on each broker backend; beside raw amqtt and raw Mosquitto relays, the baselines of the
+same run, to which every figure is also given as a ratio (machines differ; ratios hold).
 
-    python bench/suite.py --backends embedded,mosquitto --devices 10000
-    python bench/suite.py table          # the markdown table of the latest results (docs/benchmarks.md)
+    python bench/suite.py --devices 10000                 # both backends, every scenario, 3 repetitions
+    python bench/suite.py table                           # the latest run's table, from bench/results.jsonl
 
-Scenarios per backend: hold, unicast (500-message batches and single requests), latency (paced), broadcast,
-reconnect storm, crash (kill -9). Each prints its figures and appends a JSON line to bench/results.jsonl.
-Everything runs on 127.0.0.0/8 and every wait is bounded.
+Scenarios per backend: hold (once), then unicast (500-message batches, single requests), latency (paced),
+broadcast and reconnect storm, repeated --repeat times (median and spread recorded), then crash (kill -9).
+"Acked" is read back from the store (committed rows in state acked), not counted by the generator. Each
+scenario appends one JSON line to bench/results.jsonl (not with BENCH_NO_RECORD=1). Loopback only; every
+wait is bounded.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from common import BASELINE_KEYS, OWN_BASELINE, StoreReader, baseline_summary, ratio, record, run_info, summarise  # noqa: E402
 from loadgen import Fleet, relay_rate  # noqa: E402
 from push_path import metric  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results.jsonl"
 CLK = os.sysconf("SC_CLK_TCK")
 SCENARIOS = ("batch", "single", "latency", "broadcast", "storm", "crash")
 
@@ -53,7 +56,8 @@ class Daemon:
         env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
                "INTRAPUSH_API_TLS_LISTEN": "", "INTRAPUSH_BROKER_TLS_LISTEN": "", "INTRAPUSH_BROKER_WSS_LISTEN": "",
                "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1", "INTRAPUSH_BROKER_BACKEND": self.backend,
-               "INTRAPUSH_LOG_LEVEL": "warning", "INTRAPUSH_API_MAX_TOKENS": "100000"}
+               "INTRAPUSH_LOG_LEVEL": "warning", "INTRAPUSH_API_MAX_TOKENS": "100000",
+               "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0"}
         log = open(self.data_dir.parent / f"daemon-{self.backend}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(self.data_dir)],
                                      env=env, stdout=log, stderr=log)
@@ -72,6 +76,10 @@ class Daemon:
     @property
     def url(self) -> str:
         return "http://" + self.addrs["http"]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.addrs['metrics']}/metrics"
 
     @property
     def mqtt_port(self) -> int:
@@ -133,16 +141,6 @@ async def wait_metric(session: aiohttp.ClientSession, url: str, name: str, at_le
     return time.perf_counter() - t
 
 
-def record(result: dict[str, Any]) -> None:
-    result = {**result, "machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(json.dumps(result), flush=True)
-    if os.environ.get("BENCH_NO_RECORD"):
-        return
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-
-
 # -- set-up: enroll once, copy per backend ---------------------------------------------------------------
 async def prepare_template(work: Path, devices: int) -> tuple[Path, dict[str, str], list[dict[str, Any]]]:
     """N devices enrolled through the API (embedded backend: fast); each backend run gets a copy. The
@@ -176,14 +174,49 @@ async def prepare_template(work: Path, devices: int) -> tuple[Path, dict[str, st
 
 
 # -- scenarios --------------------------------------------------------------------------------------
+async def wait_acked(store: StoreReader, ids: list[str], expected: int, t0: float, timeout: float) -> tuple[float, int]:
+    """Seconds from t0 until the store holds `expected` acked deliveries of these messages (committed, read
+    back read-only), and how many it holds then. Polls the cheap pending count first; bounded by `timeout`."""
+    deadline = time.perf_counter() + timeout
+    last_exact = 0.0
+    while True:
+        now = time.perf_counter()
+        if store.pending() == 0 or now - last_exact > 0.5:
+            last_exact = now
+            acked = await asyncio.to_thread(store.acked, ids)
+            if acked >= expected or now > deadline:
+                return time.perf_counter() - t0, acked
+        await asyncio.sleep(0.005)
+
+
+async def status_sample(session: aiohttp.ClientSession, url: str, ids: list[str], k: int = 20) -> str:
+    """The provider's status API for a sample of the messages: "acked/targeted" summed over the sample."""
+    acked = targeted = 0
+    for mid in random.Random(len(ids)).sample(ids, min(k, len(ids))):
+        async with session.get(f"{url}/v1/messages/{mid}") as r:
+            doc = await r.json()
+            acked += doc["counts"]["acked"]
+            targeted += doc["targeted"]
+    return f"{acked}/{targeted}"
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] if sorted_values else 0.0
+
+
 async def run_backend(backend: str, args: argparse.Namespace, template: Path, app: dict[str, str],
-                      enrollments: list[dict[str, Any]], work: Path) -> None:
+                      enrollments: list[dict[str, Any]], work: Path, base: dict[str, Any],
+                      baselines: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scenarios on one backend; returns the rows it recorded."""
     data = work / backend / "data"
     shutil.copytree(template, data, ignore=shutil.ignore_patterns("admin.sock", "run.json"))
-    base = {"backend": backend, "devices": len(enrollments)}
+    base = {**base, "backend": backend, "devices": len(enrollments)}
+    rows: list[dict[str, Any]] = []
     d = Daemon(data, backend).start()
+    store = StoreReader(data)
     headers = {"Authorization": f"Bearer {app['api_key']}"}
     tokens = [e["token"] for e in enrollments]
+    n = len(enrollments)
     try:
         async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=128)) as session:
             await asyncio.sleep(1.0)
@@ -191,140 +224,160 @@ async def run_backend(backend: str, args: argparse.Namespace, template: Path, ap
             fleet = Fleet(enrollments, "127.0.0.1", d.mqtt_port)
             connect_s = await fleet.connect(args.concurrency)
             gc.freeze()  # the generator's own pauses must not show up as the box's latency (see main())
-            await wait_metric(session, d.url, "intrapush_devices_online", len(enrollments), 60)
+            await wait_metric(session, d.metrics_url, "intrapush_devices_online", n, 60)
             await asyncio.sleep(2.0)
             rss1 = d.rss_kib()
             cpu0 = d.cpu_s()
             await asyncio.sleep(args.hold_s)
-            idle_cpu = (d.cpu_s() - cpu0) / args.hold_s
-            online = await metric(session, d.url, "intrapush_devices_online")
-            record({**base, "scenario": "hold", "connect_per_s": round(len(enrollments) / connect_s),
-                    "rss_before_kib": rss0, "rss_after_kib": rss1,
-                    "kib_per_device": {k: round((rss1[k] - rss0.get(k, 0)) / len(enrollments), 2) for k in rss1},
-                    "idle_cpu_pct": round(idle_cpu * 100, 1), "hold_s": args.hold_s,
-                    "online_at_end": int(online), "lost": fleet.stats.lost})
+            idle_cpu = (d.cpu_s() - cpu0) / args.hold_s if args.hold_s else 0.0
+            online = await metric(session, d.metrics_url, "intrapush_devices_online")
+            row = {**base, "scenario": "hold", "connect_per_s": round(n / connect_s),
+                   "rss_before_kib": rss0, "rss_after_kib": rss1,
+                   "kib_per_device": {k: round((rss1[k] - rss0.get(k, 0)) / n, 2) for k in rss1},
+                   "idle_cpu_pct": round(idle_cpu * 100, 1), "hold_s": args.hold_s,
+                   "online_at_end": int(online), "lost": fleet.stats.lost, "baselines": baselines,
+                   "ratio": {name: ratio("rate", n / connect_s, baselines.get(key, 0)) for name, key in BASELINE_KEYS.items()},
+                   "ratio_to": OWN_BASELINE[backend]}
+            record(row, quiet=True)
+            rows.append(row)
 
-            async def post(body: dict[str, Any]) -> dict[str, Any]:
+            async def post(body: dict[str, Any]) -> list[str]:
                 async with session.post(f"{d.url}/v1/messages", json=body) as r:
                     assert r.status == 202, await r.text()
-                    return await r.json()
+                    doc = await r.json()
+                    return [x["id"] for x in doc["results"]] if "results" in doc else [doc["id"]]
 
-            async def unicast(label: str, bodies: list[dict[str, Any]], concurrency: int, pushes: int) -> None:
+            async def unicast(bodies: list[dict[str, Any]], concurrency: int, pushes: int) -> dict[str, Any]:
                 sem = asyncio.Semaphore(concurrency)
-                acks0 = await metric(session, d.url, "intrapush_acks_total")
                 received0 = fleet.stats.received
                 cpu = d.cpu_by_process()
                 own_cpu = time.process_time()
+                ids: list[str] = []
 
                 async def one(body: dict[str, Any]) -> None:
                     async with sem:
-                        await post(body)
+                        ids.extend(await post(body))
 
                 t = time.perf_counter()
                 await asyncio.gather(*(one(b) for b in bodies))
                 accepted_s = time.perf_counter() - t
                 await asyncio.wait_for(fleet.stats.wait_received(received0 + pushes), 300)
                 delivered_s = time.perf_counter() - t
-                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + pushes, 300)
-                acked_s = time.perf_counter() - t
-                record({**base, "scenario": label, "pushes": pushes,
-                        "accepted_per_s": round(pushes / accepted_s), "delivered_per_s": round(pushes / delivered_s),
-                        "acked_per_s": round(pushes / acked_s),
+                acked_s, acked = await wait_acked(store, ids, pushes, t, 300)
+                return {"pushes": pushes, "accepted_per_s": round(pushes / accepted_s),
+                        "delivered_per_s": round(pushes / delivered_s), "acked_in_store": acked,
+                        "acked_per_s": round(acked / acked_s),
+                        "status_api_sample": await status_sample(session, d.url, ids),
                         "box_cpu_us_per_push": round((d.cpu_s() - sum(cpu.values())) / pushes * 1e6),
                         "cpu_us_per_push": {**{k: round((v - cpu.get(k, 0.0)) / pushes * 1e6)
                                                for k, v in d.cpu_by_process().items()},
-                                            "loadgen": round((time.process_time() - own_cpu) / pushes * 1e6)}})
+                                            "loadgen": round((time.process_time() - own_cpu) / pushes * 1e6)}}
 
-            rnd = random.Random(5)
-            batches = []
-            for start in range(0, args.pushes, 500):
-                picked = rnd.sample(tokens, min(500, len(tokens)))
-                batches.append({"messages": [{"to": {"token": tok}, "title": "bench", "body": "x" * 60}
-                                             for tok in picked[:min(500, args.pushes - start)]]})
-            if "batch" in args.only:
-                await unicast("unicast_batch500", batches, args.batch_concurrency, args.pushes)
-            singles = [{"to": {"token": rnd.choice(tokens)}, "title": "bench", "body": "x" * 60}
-                       for _ in range(args.single)]
-            if "single" in args.only:
-                await unicast("unicast_single", singles, 32, args.single)
-
-            # latency: paced single requests; the push carries the call time, the device subtracts it
-            for rate in args.rates if "latency" in args.only else []:
+            async def latency(rate: int) -> dict[str, Any]:
+                """Paced single requests; the push carries the call time, the device subtracts it."""
                 stats = fleet.stats
                 stats.latencies = []
                 stats.record_latency = True
                 count = int(rate * args.latency_s)
                 received0 = stats.received
                 tasks = []
-                t0 = time.perf_counter()
                 sem = asyncio.Semaphore(256)
+                ids: list[str] = []
                 cpu = d.cpu_s()
+                t0 = time.perf_counter()
 
                 async def paced(tok: str) -> None:
                     async with sem:
-                        await post({"to": {"token": tok}, "title": "lat", "data": {"t": time.time()}})
+                        ids.extend(await post({"to": {"token": tok}, "title": "lat", "data": {"t": time.time()}}))
 
-                for n in range(count):
-                    delay = t0 + n / rate - time.perf_counter()
+                for k in range(count):
+                    delay = t0 + k / rate - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
                     tasks.append(asyncio.create_task(paced(rnd.choice(tokens))))
                 await asyncio.gather(*tasks)
                 await asyncio.wait_for(stats.wait_received(received0 + count), 120)
+                elapsed = time.perf_counter() - t0
                 stats.record_latency = False
                 lat = sorted(stats.latencies)
-                record({**base, "scenario": "latency", "rate": rate, "pushes": count,
-                        "achieved_per_s": round(count / (time.perf_counter() - t0)),
-                        "p50_ms": round(lat[len(lat) // 2] * 1000, 2), "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 2),
-                        "max_ms": round(lat[-1] * 1000, 2), "box_cpu_pct": round((d.cpu_s() - cpu) / (time.perf_counter() - t0) * 100)})
+                _, acked = await wait_acked(store, ids, count, t0, 120)
+                return {"pushes": count, "achieved_per_s": round(count / elapsed), "acked_in_store": acked,
+                        "p50_ms": round(percentile(lat, 0.5) * 1000, 2), "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
+                        "max_ms": round(lat[-1] * 1000, 2), "box_cpu_pct": round((d.cpu_s() - cpu) / elapsed * 100)}
 
-            n = len(enrollments)
-            if "broadcast" in args.only:
-                # broadcast: one push to every device of the app
-                acks0 = await metric(session, d.url, "intrapush_acks_total")
+            async def broadcast() -> dict[str, Any]:
                 received0 = fleet.stats.received
                 t = time.perf_counter()
-                await post({"to": {"all": True}, "title": "everyone"})
+                ids = await post({"to": {"all": True}, "title": "everyone"})
                 accepted_s = time.perf_counter() - t
                 await asyncio.wait_for(fleet.stats.wait_received(received0 + n), 120)
                 delivered_s = time.perf_counter() - t
-                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + n, 120)
-                record({**base, "scenario": "broadcast", "accepted_s": round(accepted_s, 3),
-                        "all_delivered_s": round(delivered_s, 3), "all_acked_s": round(time.perf_counter() - t, 3)})
+                acked_s, acked = await wait_acked(store, ids, n, t, 120)
+                return {"accepted_s": round(accepted_s, 3), "all_delivered_s": round(delivered_s, 3),
+                        "all_acked_s": round(acked_s, 3), "acked_in_store": acked, "acked_per_s": round(acked / acked_s)}
 
-            if "storm" in args.only:
-                # reconnect storm: everyone drops, 10 pushes each wait in the store, everyone comes back at once
+            async def storm() -> dict[str, Any]:
+                """Everyone drops, 10 pushes each wait in the store, everyone comes back at once."""
                 fleet.drop_all()
                 await asyncio.sleep(0.5)
                 t = time.perf_counter()
-                while await metric(session, d.url, "intrapush_devices_online") > 0:
+                while await metric(session, d.metrics_url, "intrapush_devices_online") > 0:
                     if time.perf_counter() - t > 120:
                         raise TimeoutError("devices still online 120 s after dropping them")
                     await asyncio.sleep(0.05)
+                ids = []
                 for i in range(10):
-                    await post({"to": {"all": True}, "title": f"while away {i}"})
-                acks0 = await metric(session, d.url, "intrapush_acks_total")
+                    ids += await post({"to": {"all": True}, "title": f"while away {i}"})
                 received0 = fleet.stats.received
                 lost0 = fleet.stats.lost
-                print("storm: every device reconnects now", flush=True)
                 t = time.perf_counter()
                 connect_s = await fleet.connect(args.storm_concurrency)
                 await asyncio.wait_for(fleet.stats.wait_received(received0 + 10 * n), 300)
                 caught_up_s = time.perf_counter() - t
-                await wait_metric(session, d.url, "intrapush_acks_total", acks0 + 10 * n, 300)
-                record({**base, "scenario": "reconnect_storm", "pending_each": 10, "all_connected_s": round(connect_s, 2),
-                        "all_caught_up_s": round(caught_up_s, 2), "all_acked_s": round(time.perf_counter() - t, 2),
-                        "drops_during": fleet.stats.lost - lost0})
-                fleet.drop_all()
+                acked_s, acked = await wait_acked(store, ids, 10 * n, t, 300)
+                return {"pending_each": 10, "all_connected_s": round(connect_s, 2), "all_caught_up_s": round(caught_up_s, 2),
+                        "all_acked_s": round(acked_s, 2), "acked_in_store": acked, "acked_per_s": round(acked / acked_s),
+                        "drops_during": fleet.stats.lost - lost0}
+
+            rnd = random.Random(5)
+            runs: dict[tuple[str, int | None], list[dict[str, Any]]] = defaultdict(list)
+            repeated = {"batch", "single", "latency", "broadcast", "storm"} & set(args.only)
+            for rep in range(args.repeat if repeated else 0):
+                print(f"{backend}: repetition {rep + 1} of {args.repeat}", flush=True)
+                if "batch" in args.only:
+                    batches = []
+                    for start in range(0, args.pushes, 500):
+                        picked = rnd.sample(tokens, min(500, len(tokens)))
+                        batches.append({"messages": [{"to": {"token": tok}, "title": "bench", "body": "x" * 60}
+                                                     for tok in picked[:min(500, args.pushes - start)]]})
+                    runs["unicast_batch500", None].append(await unicast(batches, args.batch_concurrency, args.pushes))
+                if "single" in args.only:
+                    singles = [{"to": {"token": rnd.choice(tokens)}, "title": "bench", "body": "x" * 60}
+                               for _ in range(args.single)]
+                    runs["unicast_single", None].append(await unicast(singles, 32, args.single))
+                for rate in args.rates if "latency" in args.only else []:
+                    runs["latency", rate].append(await latency(rate))
+                if "broadcast" in args.only:
+                    runs["broadcast", None].append(await broadcast())
+                if "storm" in args.only:
+                    runs["reconnect_storm", None].append(await storm())
+            for (scenario, rate), reps in runs.items():
+                row = summarise({**base, **({"rate": rate} if rate else {})}, scenario, reps, baselines)
+                record(row, quiet=True)
+                rows.append(row)
+            fleet.drop_all()
     finally:
         d.stop()
+        store.close()
     if "crash" in args.only:
-        await crash(backend, args, data, app, enrollments[:args.crash_devices])
+        rows.append(await crash(backend, args, data, app, enrollments[:args.crash_devices], base))
+    return rows
 
 
 async def crash(backend: str, args: argparse.Namespace, data: Path, app: dict[str, str],
-                enrollments: list[dict[str, Any]]) -> None:
-    """kill -9 during a unicast run; every push answered 202 must reach its device after the restart."""
+                enrollments: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    """kill -9 during a unicast run; every push answered 202 must be in the store and reach its device
+    after the restart."""
     d = Daemon(data, backend).start()
     headers = {"Authorization": f"Bearer {app['api_key']}"}
     accepted: dict[str, str] = {}
@@ -368,11 +421,16 @@ async def crash(backend: str, args: argparse.Namespace, data: Path, app: dict[st
         fleet.drop_all()
         fleet.devices[0].__class__._on_push = original  # type: ignore[method-assign]
     d.stop()
-    record({"backend": backend, "scenario": "crash", "devices": len(enrollments), "answered_202": answered,
-            "lost": len(set(accepted) - seen)})
+    store = StoreReader(data)
+    in_store = store.stored(list(accepted))
+    store.close()
+    row = {**base, "backend": backend, "scenario": "crash", "devices": len(enrollments), "answered_202": answered,
+           "in_store_after_restart": in_store, "lost": len(set(accepted) - seen)}
+    record(row, quiet=True)
+    return row
 
 
-async def baselines(work: Path, messages: int) -> None:
+async def baseline_once(work: Path, messages: int) -> dict[str, float]:
     """Raw relays with the same load generator: stock amqtt 0.12.1 and Debian's Mosquitto, 1 -> 1, QoS 1."""
     stock = subprocess.Popen([sys.executable, str(ROOT / "tests" / "data" / "stock_amqtt.py")], stdout=subprocess.PIPE,
                              text=True)
@@ -395,40 +453,48 @@ async def baselines(work: Path, messages: int) -> None:
     finally:
         mosq.terminate()
         mosq.wait()
-    record({"scenario": "baseline_relay_qos1", "payload_bytes": 100, "amqtt_msgs_per_s": round(amqtt_rate),
-            "mosquitto_msgs_per_s": round(mosq_rate)})
+    return {"amqtt_msgs_per_s": round(amqtt_rate), "mosquitto_msgs_per_s": round(mosq_rate)}
 
 
-def table() -> None:
-    """Markdown: the latest figures of each scenario and backend."""
-    latest: dict[tuple[str, str, Any, Any], dict[str, Any]] = {}
-    for line in RESULTS.read_text().splitlines():
-        r = json.loads(line)
-        latest[(r["scenario"], r.get("backend", "-"), r.get("devices"), r.get("rate"))] = r
-    for key in sorted(latest, key=str):
-        print(key, {k: v for k, v in latest[key].items() if k not in ("scenario", "backend", "python", "cpus")})
+async def baselines(work: Path, messages: int, repeat: int, base: dict[str, Any]) -> dict[str, Any]:
+    """The raw relays, `repeat` times; records one row and returns the medians with their spread."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(await baseline_once(work, messages))
+    summary = baseline_summary(runs)
+    record({**base, "scenario": "baseline_relay_qos1", "payload_bytes": 100, **summary, "repeat": repeat,
+            "runs": runs}, quiet=True)
+    return summary
 
 
-async def main(args: argparse.Namespace) -> None:
-    work = Path(tempfile.mkdtemp(prefix="intrapush-suite-"))
+async def run_suite(args: argparse.Namespace, source: str) -> list[dict[str, Any]]:
+    """Baselines, then every backend; returns the rows of this run (also appended to results.jsonl)."""
+    parent = Path(args.work_dir) if args.work_dir else None
+    work = Path(tempfile.mkdtemp(prefix="intrapush-suite-", dir=parent))
+    base = run_info(work, source)
+    print(f"run {base['run']}: commit {base['commit']}, data on {base['fs'].get('type')} "
+          f"({work}), {base['machine']['cpus']} CPUs, load {base['machine']['loadavg_1m_at_start']}", flush=True)
+    rows: list[dict[str, Any]] = []
     try:
-        if not args.skip_baselines:
-            await baselines(work, args.relay_messages)
+        summary = await baselines(work, args.relay_messages, args.repeat, base)
+        print(f"baselines: amqtt {summary['amqtt_msgs_per_s']} msg/s, Mosquitto {summary['mosquitto_msgs_per_s']} msg/s",
+              flush=True)
         template, app, enrollments = await prepare_template(work, args.devices)
         for backend in args.backends:
-            await run_backend(backend, args, template, app, enrollments, work)
+            rows += await run_backend(backend, args, template, app, enrollments, work, base, summary)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}", flush=True)
+    return rows
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["table"]:
-        table()
-        sys.exit(0)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--backends", default="embedded,mosquitto", type=lambda s: s.split(","))
     p.add_argument("--devices", type=int, default=10000)
+    p.add_argument("--repeat", type=int, default=3, help="repetitions of each scenario (median and spread recorded)")
     p.add_argument("--hold-s", type=float, default=60)
     p.add_argument("--pushes", type=int, default=30000, help="unicast pushes in 500-message batches")
     p.add_argument("--batch-concurrency", type=int, default=8, help="batch requests in flight (a provider sending in parallel)")
@@ -439,12 +505,16 @@ if __name__ == "__main__":
     p.add_argument("--storm-concurrency", type=int, default=2000, help="reconnects in flight in the storm")
     p.add_argument("--crash-devices", type=int, default=1000)
     p.add_argument("--crash-after-s", type=float, default=3)
-    p.add_argument("--relay-messages", type=int, default=100000)
-    p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--relay-messages", type=int, default=100000, help="messages per Mosquitto relay run (amqtt: a fifth)")
     p.add_argument("--only", default=",".join(SCENARIOS), type=lambda s: s.split(","),
                    help="scenarios after hold, comma-separated: " + ",".join(SCENARIOS))
+    p.add_argument("--work-dir", default=os.environ.get("BENCH_WORK_DIR"),
+                   help="where the data directories go (default: the system temp dir); its filesystem is recorded")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
-    args = p.parse_args()
+    return p
+
+
+def tune() -> None:
     # 10,000 device objects make each full collection of the generator a 30-100 ms pause, which its
     # latency figures would charge to the box: collect young objects rarely, and old ones (frozen) never.
     gc.set_threshold(50_000, 20, 100)
@@ -454,4 +524,14 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    from report import print_run  # noqa: PLC0415
+
+    if sys.argv[1:2] == ["table"]:
+        print_run()
+        sys.exit(0)
+    arguments = parser(__doc__.splitlines()[0]).parse_args()
+    tune()
+    print_run(asyncio.run(run_suite(arguments, "suite")))

@@ -16,10 +16,10 @@ DOCS = Path(__file__).parent.parent / "docs"
 
 
 def test_generated_reference_blocks_are_current() -> None:
-    files = [str(DOCS / name) for name in ("config.md", "errors.md", "fallback.md")]
+    files = [str(DOCS / name) for name in ("config.md", "errors.md", "fallback.md", "benchmarks.md")]
     r = subprocess.run([sys.executable, "-m", "cogapp", "--check", *files],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr + "\nrun: cog -r docs/config.md docs/errors.md docs/fallback.md"
+    assert r.returncode == 0, r.stdout + r.stderr + "\nrun: cog -r docs/config.md docs/errors.md docs/fallback.md docs/benchmarks.md"
 
 
 def test_every_setting_is_in_config_md() -> None:

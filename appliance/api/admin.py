@@ -14,7 +14,8 @@ from aiohttp import web
 from appliance import errors as E
 from appliance.accounts import Accounts
 from appliance.api.provider import read_json, validate
-from appliance.api.schemas import AppFallbackRequest, EnrollmentPolicyRequest, NewAppRequest, RotateRequest
+from appliance.api.schemas import (AppFallbackRequest, EnrollmentPolicyRequest, LimitsRequest, NewAppRequest,
+                                   RotateRequest)
 from appliance.errors import ApiError
 
 AUDIT_PAGE_MAX = 1000
@@ -66,6 +67,7 @@ class AdminApi:
             web.post("/admin/apps/{app}/rotate-secret", self.handle_rotate_secret),
             web.put("/admin/apps/{app}/fallback", self.handle_app_fallback),
             web.put("/admin/apps/{app}/enrollment", self.handle_app_enrollment),
+            web.put("/admin/apps/{app}/limits", self.handle_app_limits),
             web.get("/admin/devices", self.handle_list_devices),
             web.post("/admin/devices/{token}/revoke", self.handle_revoke),
             web.get("/admin/audit", self.handle_audit),
@@ -102,6 +104,11 @@ class AdminApi:
         req: EnrollmentPolicyRequest = validate(EnrollmentPolicyRequest, await read_json(request))
         return web.json_response(await self.accounts.set_enrollment_async(request.match_info["app"],
                                                                           req.require_ticket, peer_actor(request)))
+
+    async def handle_app_limits(self, request: web.Request) -> web.Response:
+        req: LimitsRequest = validate(LimitsRequest, await read_json(request))
+        return web.json_response(await self.accounts.set_limits_async(
+            request.match_info["app"], req.pushes_per_s, req.targets_per_min, peer_actor(request)))
 
     async def handle_list_devices(self, request: web.Request) -> web.Response:
         return web.json_response(await self.accounts.list_devices_async(request.query.get("app")))

@@ -14,11 +14,23 @@ from appliance.api import schemas as S
 from appliance.errors import CATALOG
 
 REF = "#/components/schemas/{model}"
+INT64 = {"minimum": -(2**63), "maximum": 2**63 - 1}
+# Any JSON the edge takes (appliance/api/edge.py): an integer outside the signed 64-bit range is refused (#16).
+JSON_VALUE = {"anyOf": [
+    {"type": ["string", "boolean", "null"]},
+    {"type": "number", "not": {"type": "integer"}},
+    {"type": "integer", **INT64},
+    {"type": "array", "items": {"$ref": REF.format(model="JsonValue")}},
+    {"type": "object", "additionalProperties": {"$ref": REF.format(model="JsonValue")}}],
+    "description": "any JSON value; integers within the signed 64-bit range, nesting at most 32 levels deep (a "
+                   "float literal such as 1e300 is taken at any size, but JSON Schema counts it as an integer)"}
 API_KEY, ENROLLMENT = "apiKey", "enrollmentCredential"
 
-# Where a request can be refused before its handler's own checks.
+# Where a request can be refused before its handler's own checks: the HTTP edge (every request: its Host and
+# header lines; every body: its framing and its arrival, docs/provider-api.md#limits), the credential, the body.
+EDGE = [40013, 43101]
 AUTH = [40101, 40102]
-BODY = [40001, 40002, 40010, 41301]
+BODY = [40001, 40002, 40010, 40014, 40801, 41301]
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ OPERATIONS = [
               AUTH + [41001] + BODY, request="IdentityRequest"),
     Operation("post", "/v1/messages", "sendPush",
               "Send one push, or up to api.max_batch in {\"messages\": [...]}; answered once committed to disk",
-              202, None, AUTH + BODY + [40003, 40004, 40005, 40006, 40007, 40011, 41001], links=MESSAGE_LINKS),
+              202, None, AUTH + BODY + [40003, 40004, 40005, 40006, 40007, 40011, 41001, 42902], links=MESSAGE_LINKS),
     Operation("get", "/v1/messages/{id}", "getMessageStatus",
               "Counts per state, and per token for audiences up to push.status_detail_limit", 200, S.MessageStatus,
               AUTH + [40009, 40402]),
@@ -104,8 +116,6 @@ OPERATIONS = [
     Operation("delete", "/v1/topics/{topic}/subscribers", "unsubscribe", "Unsubscribe tokens from a topic", 200,
               S.Unsubscribed, AUTH + BODY + [40007, 40008], request="Subscribers"),
     Operation("get", "/healthz", "getHealth", "Liveness", 200, S.Health, security=None),
-    Operation("get", "/metrics", "getMetrics", "Prometheus text format", 200, None, security=None,
-              content="text/plain"),
     Operation("get", "/openapi.json", "getOpenApi", "This description", 200, None, security=None),
     Operation("get", "/docs", "getDocs", "A readable page of this description", 200, None, security=None,
               content="text/html"),
@@ -142,6 +152,11 @@ def _component_schemas(limits: ApiLimits) -> dict[str, Any]:
         "ttl_s over push.max_ttl_s, more than api.max_tokens tokens, a push over push.max_payload_bytes, an "
         "unavailable fallback channel or targets that reach nobody refuse this message only")
     schemas["BatchedTarget"] = copy.deepcopy(schemas["Target"])
+    schemas["BatchedMessage"]["properties"]["ttl_s"]["anyOf"][0].update(maximum=INT64["maximum"])
+    schemas["JsonValue"] = JSON_VALUE
+    for name in ("PushMessage", "BatchedMessage"):
+        data = schemas[name]["properties"]["data"]["anyOf"][0]
+        data["additionalProperties"] = {"$ref": REF.format(model="JsonValue")}
     schemas["PushBatch"]["properties"]["messages"]["items"] = {"$ref": REF.format(model="BatchedMessage")}
     schemas["PushBatch"]["properties"]["messages"]["maxItems"] = limits.max_batch
     schemas["PushMessage"]["properties"]["ttl_s"]["anyOf"][0]["maximum"] = limits.max_ttl_s
@@ -154,12 +169,16 @@ def _component_schemas(limits: ApiLimits) -> dict[str, Any]:
 
 def _error_answer(codes: list[int], http: int) -> dict[str, Any]:
     mine = [c for c in codes if CATALOG[c].http == http]
-    return {
+    answer: dict[str, Any] = {
         "description": ", ".join(f"{c} {CATALOG[c].name}" for c in mine),
         "content": {"application/json": {"schema": {"allOf": [
             {"$ref": REF.format(model="Error")},
             {"properties": {"code": {"enum": mine}, "http": {"const": http}}}]}}},
     }
+    if http == 429:
+        answer["headers"] = {"Retry-After": {"required": True, "description": "seconds until the app may send again",
+                                             "schema": {"type": "integer", "minimum": 1}}}
+    return answer
 
 
 def _answers(op: Operation) -> dict[str, Any]:
@@ -175,8 +194,9 @@ def _answers(op: Operation) -> dict[str, Any]:
     if op.links:
         ok["links"] = op.links
     out = {str(op.ok): ok}
-    for http in sorted({CATALOG[c].http for c in op.codes}):
-        out[str(http)] = _error_answer(op.codes, http)
+    codes = EDGE + op.codes
+    for http in sorted({CATALOG[c].http for c in codes}):
+        out[str(http)] = _error_answer(codes, http)
     return out
 
 
@@ -208,7 +228,10 @@ def openapi_document(limits: ApiLimits | None = None) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "intrapush provider API", "version": "1",
                  "description": "Send pushes to enrolled devices; see docs/provider-api.md. Request bodies are at "
-                                f"most {limits.max_body_bytes} bytes (api.max_body_bytes; 413 code 41301)."},
+                                f"most {limits.max_body_bytes} bytes (api.max_body_bytes; 413 code 41301). "
+                                "Before any request, a connection may be refused with 429 (42901, too many from one "
+                                "address) or 503 (50301, too many in all), then closed; a request that is not "
+                                "well-formed HTTP/1.1 gets 400 (40012)."},
         "components": {
             "schemas": _component_schemas(limits),
             "securitySchemes": {

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from appliance import errors as E
 from appliance.accounts import Accounts, Enrollment
+from appliance.api import edge
+from appliance.api.limits import Limits, SendLimits
 from appliance.api.schemas import (Contact, EnrollRequest, IdentityRequest, PushBatch, PushMessage, Subscribers, Target,
                                    TicketRequest)
 from appliance.broker import topics
@@ -43,22 +45,13 @@ class ProviderSettings:
 
 
 def bearer(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise ApiError(E.MISSING_CREDENTIALS)
-    return value.strip()
+    """The bearer key; checks no body, so a handler calls it before read_json (#10)."""
+    return edge.bearer_credential(request.headers.get("Authorization"))
 
 
 async def read_json(request: web.Request) -> Any:
-    ctype = request.content_type
-    if request.body_exists and ctype not in ("application/json", "application/octet-stream", "text/plain"):
-        raise ApiError(E.WRONG_CONTENT_TYPE, f"Content-Type {ctype} is not application/json")
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(E.MALFORMED_JSON, f"the body is not valid JSON: {exc}") from None
+    """The body as strict JSON within the edge's limits (appliance/api/edge.py, #16)."""
+    return await edge.read_json_body(request)
 
 
 def validate(model: type[BaseModel], doc: Any) -> Any:
@@ -73,12 +66,16 @@ def validate(model: type[BaseModel], doc: Any) -> Any:
 
 class ProviderApi:
     def __init__(self, settings: ProviderSettings, directory: Directory, dispatcher: Dispatcher, store: Store,
-                 accounts: Accounts) -> None:
+                 accounts: Accounts, limits: Limits | None = None) -> None:
         self.settings = settings
         self.directory = directory
         self.dispatcher = dispatcher
         self.store = store
         self.accounts = accounts
+        self.limits = SendLimits(limits or Limits(0, 0))
+        for app in directory.apps.values():
+            self.limits.set_app(app.id, app.pushes_per_s, app.targets_per_min)
+        accounts.on_limits = lambda app: self.limits.set_app(app.id, app.pushes_per_s, app.targets_per_min)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -134,7 +131,7 @@ class ProviderApi:
                 raise ApiError(E.WRONG_PREVIOUS)
         device, password, replaced = await self.accounts.enroll(
             Enrollment(app, req.platform, req.package, req.device_id, ticket, previous))
-        host = self.settings.public_host or (request.url.host or "localhost")
+        host = self.settings.public_host or edge.device_host(request)
         cid = device.client_id
         answer: dict[str, Any] = {
             "token": device.token,
@@ -200,6 +197,7 @@ class ProviderApi:
     # -- pushes ----------------------------------------------------------------------------------
     async def handle_send(self, request: web.Request) -> web.Response:
         app = self._app(request)
+        self.limits.check(app.id)  # before the body is read
         doc = await read_json(request)
         single = not (isinstance(doc, dict) and "messages" in doc)
         if not single and isinstance(doc.get("messages"), list) and len(doc["messages"]) > self.settings.max_batch:
@@ -218,6 +216,7 @@ class ProviderApi:
             accepted.append(acc)
             results.append({"id": acc.message["id"], "targeted": len(acc.targets), "unregistered": unregistered})
         if accepted:
+            self.limits.charge(app.id, len(accepted), sum(len(a.targets) for a in accepted))
             await self.dispatcher.submit(accepted)
         if single:
             return web.json_response(results[0], status=202)

@@ -193,6 +193,13 @@ class RotateRequest(Strict):
                                 description="how long the previous key or secret keeps working; 0 ends it now")
 
 
+class LimitsRequest(Strict):
+    """Per-app send limits; null: the box's default (`limits.app_*`), 0: no limit."""
+
+    pushes_per_s: float | None = Field(..., ge=0, le=1e6)
+    targets_per_min: float | None = Field(..., ge=0, le=1e9)
+
+
 class EnrollmentPolicyRequest(Strict):
     require_ticket: bool
 
@@ -221,7 +228,7 @@ class Problem(Answer):
 
 class Error(Answer):
     """Every refusal (docs/errors.md). Some codes add fields: 40002 `problems`; 40003 `unregistered`;
-    41001 `token`, `reason`, `unregistered_at`."""
+    41001 `token`, `reason`, `unregistered_at`; 42902 `retry_after_s`."""
 
     code: int
     http: int
@@ -233,6 +240,7 @@ class Error(Answer):
     token: str | None = None
     reason: UNREGISTERED_REASONS | None = None
     unregistered_at: float | None = None
+    retry_after_s: int | None = Field(None, ge=1, description="as the Retry-After header")
 
 
 class Mqtt(Answer):

@@ -34,9 +34,6 @@ from amqtt.mqtt.connack import (
 )
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
-from amqtt.mqtt.suback import SubackPacket
-from amqtt.mqtt.subscribe import SubscribePacket
-from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
 from appliance.broker import topics
 from appliance.broker.backlog import ACCEPT_BACKLOG
@@ -475,9 +472,9 @@ class EmbeddedBroker(Broker):
                     raise ProtocolViolation("malformed PINGREQ")
                 link.write_raw(PINGRESP)
             elif ptype == SUBSCRIBE:
-                await self._handle_subscribe(link, flags, body)
+                self._handle_subscribe(link, flags, body)
             elif ptype == UNSUBSCRIBE:
-                await self._handle_unsubscribe(link, flags, body)
+                self._handle_unsubscribe(link, flags, body)
             elif ptype == PUBREL:
                 if flags != 2 or len(body) != 2:
                     raise ProtocolViolation("malformed PUBREL")
@@ -530,40 +527,60 @@ class EmbeddedBroker(Broker):
             return
         self.gate.handle_publish(link, kind, payload)
 
-    async def _handle_subscribe(self, link: DeviceLink, flags: int, body: bytes) -> None:
+    def _handle_subscribe(self, link: DeviceLink, flags: int, body: bytes) -> None:
         if flags != 2:
             raise ProtocolViolation("SUBSCRIBE flags must be 2")
-        try:
-            fixed = MQTTFixedHeader(SUBSCRIBE, flags, len(body))
-            packet = await SubscribePacket.from_stream(BufferReader(body), fixed_header=fixed)
-            pid, filters = packet.variable_header.packet_id, packet.payload.topics
-        except Exception as exc:
-            raise ProtocolViolation(f"malformed SUBSCRIBE: {exc}") from None
-        if not filters or pid == 0 or any(q > 2 for _, q in filters):
-            raise ProtocolViolation("SUBSCRIBE without topics, with packet id 0 or QoS above 2")
-        codes = []
+        pid, filters = _read_filters(body, with_options=True)
+        codes = bytearray()
         for topic_filter, qos in filters:
+            # One string comparison: the device's own inbox, exactly; wildcards, `$share/…`, `$SYS/…` and every
+            # other device's topics are refused (#9).
             if topics.may_subscribe(link.client_id, topic_filter):
                 codes.append(min(qos, 1))
                 link.subscribed = True
             else:
                 codes.append(0x80)
                 log.info("event=denied_subscribe client=%s filter=%r", link.client_id, topic_filter[:128])
-        link.write_raw(SubackPacket.build(pid, codes).to_bytes())
+        link.write_raw(topics.mqtt_packet(0x90, _PACK_H(pid) + bytes(codes)))
 
-    async def _handle_unsubscribe(self, link: DeviceLink, flags: int, body: bytes) -> None:
+    def _handle_unsubscribe(self, link: DeviceLink, flags: int, body: bytes) -> None:
         if flags != 2:
             raise ProtocolViolation("UNSUBSCRIBE flags must be 2")
-        try:
-            fixed = MQTTFixedHeader(UNSUBSCRIBE, flags, len(body))
-            packet = await UnsubscribePacket.from_stream(BufferReader(body), fixed_header=fixed)
-            pid = packet.variable_header.packet_id
-            filters = packet.payload.topics
-        except Exception as exc:
-            raise ProtocolViolation(f"malformed UNSUBSCRIBE: {exc}") from None
-        if topics.inbox_topic(link.client_id) in filters:
+        pid, filters = _read_filters(body, with_options=False)
+        if any(topic_filter == topics.inbox_topic(link.client_id) for topic_filter, _ in filters):
             link.subscribed = False
         link.write_raw(b"\xb0\x02" + _PACK_H(pid))
 
+
+def _read_filters(body: bytes, with_options: bool) -> tuple[int, list[tuple[str, int]]]:
+    """The packet id and the (filter, QoS) list of a SUBSCRIBE (`with_options`) or UNSUBSCRIBE body. Anything
+    MQTT 3.1.1 calls malformed closes the connection: no packet id or filter, ill-formed UTF-8 (overlong
+    forms, surrogates), U+0000, an empty filter, reserved option bits or QoS 3."""
+    if len(body) < 2 or _UNPACK_H(body)[0] == 0:
+        raise ProtocolViolation("SUBSCRIBE/UNSUBSCRIBE without a packet id, or packet id 0")
+    pos, size, filters = 2, len(body), []
+    while pos < size:
+        if pos + 2 > size:
+            raise ProtocolViolation("topic filter length cut short")
+        end = pos + 2 + _UNPACK_H(body, pos)[0]
+        if end + (1 if with_options else 0) > size:
+            raise ProtocolViolation("topic filter longer than the packet")
+        try:
+            topic_filter = body[pos + 2:end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolViolation("topic filter is not well-formed UTF-8") from None
+        if not topic_filter or "\x00" in topic_filter:
+            raise ProtocolViolation("empty topic filter, or U+0000 in one")
+        qos = 0
+        if with_options:
+            qos = body[end]
+            if qos > 2:
+                raise ProtocolViolation("SUBSCRIBE with reserved option bits or QoS 3")
+            end += 1
+        filters.append((topic_filter, qos))
+        pos = end
+    if not filters:
+        raise ProtocolViolation("SUBSCRIBE/UNSUBSCRIBE without topic filters")
+    return _UNPACK_H(body)[0], filters
 
 __all__ = ["BrokerLimits", "DeviceGate", "DeviceLink", "EmbeddedBroker", "ListenerSpec"]

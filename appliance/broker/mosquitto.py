@@ -6,7 +6,8 @@ a VirtualLink whose send_push() publishes to `push/<client id>/inbox` at QoS 1 o
 connections (always the same one for a device).
   - logins: Mosquitto's dynamic-security plugin; devices are written into its file from the store at every
     start and added/removed at run time over `$CONTROL/dynamic-security/v1` (deleteClient also kicks);
-  - topic ACL: `pattern` lines (a device reads its inbox, writes its hello/ack/status), see mosquitto_child;
+  - topic ACL: a dynamic-security role per device (it subscribes to and reads its inbox, writes its
+    hello/ack/status; anything else is refused), see mosquitto_child;
   - presence: Mosquitto's own connect/disconnect/subscribe log lines, which it publishes on
     `$SYS/broker/log/#`; a hello also marks its device online, its last will offline.
 """
@@ -27,8 +28,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from appliance.broker import topics
-from appliance.broker.mosquitto_child import (ADMIN_USER, CA_BUNDLE, CRL_BUNDLE, ChildListener, ChildSettings,
-                                            MosquittoChild, TrustSources, free_ports)
+from appliance.broker.mosquitto_child import (ACK_SHARE, ADMIN_USER, CA_BUNDLE, CRL_BUNDLE, ChildListener,
+                                            ChildSettings, MosquittoChild, TrustSources, device_acls,
+                                            device_role_name, free_ports)
 from appliance.broker.mqtt_client import MqttSession, topic_header
 from appliance.errors import StartupError
 
@@ -39,7 +41,7 @@ CONTROL_RESPONSE = CONTROL + "/response"
 LOG_PREFIX = "$SYS/broker/log/"
 # Acks, the busiest device messages, are shared among all our connections (MQTT 5 shared subscription), so
 # that our PUBACKs for them reach Mosquitto over all of them, not one.
-ACKS = ("$share/intrapush/push/+/ack", 1)
+ACKS = (ACK_SHARE, 1)
 SUBSCRIPTIONS = [("push/+/hello", 1), ACKS, ("push/+/status", 1), (LOG_PREFIX + "#", 1), (CONTROL_RESPONSE, 1)]
 CONTROL_TIMEOUT_S = 15.0
 PUBLISH_LANES = 16  # connections that carry pushes (the first also carries everything else); docs/broker.md
@@ -48,7 +50,8 @@ _CONNECTED = re.compile(r"New client connected from (\S+) as (\S+) \(p\d+, c\d+,
 # "disconnected due to protocol error." / "disconnected, not authorised." / "already connected, closing old
 # connection." (the old connection of a takeover), as Mosquitto 2.0.11 prints them.
 _GONE = ("disconnected", "closed its connection", "has exceeded timeout", "already connected")
-_HARMLESS_ERRORS = {"createClient": "Client already exists", "deleteClient": "Client not found"}
+_HARMLESS_ERRORS = {"createClient": "Client already exists", "deleteClient": "Client not found",
+                    "createRole": "Role already exists", "deleteRole": "Role not found"}
 
 
 def _ignore_connected(_session_present: bool) -> None:
@@ -297,24 +300,39 @@ class MosquittoBroker:
 
     # -- device logins (dynamic security) ------------------------------------------------------------
     async def add_device(self, client_id: str, password: str) -> None:
-        await self._run_control({"command": "createClient", "username": client_id, "clientid": client_id,
-                                 "password": password})
+        """The device's role (its own topics) and its login, in one message: the role first."""
+        role = device_role_name(client_id)
+        await self._run_control({"command": "createRole", "rolename": role, "acls": device_acls(client_id)},
+                                {"command": "createClient", "username": client_id, "clientid": client_id,
+                                 "password": password, "roles": [{"rolename": role}]})
 
     async def remove_device(self, client_id: str) -> None:
-        """Delete the login; Mosquitto disconnects a client logged in with it."""
-        await self._run_control({"command": "deleteClient", "username": client_id})
+        """Delete the login, then its role; Mosquitto disconnects a client logged in with it."""
+        await self._run_control({"command": "deleteClient", "username": client_id},
+                                {"command": "deleteRole", "rolename": device_role_name(client_id)})
 
-    async def _run_control(self, command: dict[str, Any]) -> None:
-        corr = f"c{next(self._corr)}"
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._control[corr] = (command, future)
-        self._send_control(corr, command)
+    async def _run_control(self, *commands: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        pending = []
+        for command in commands:
+            corr = f"c{next(self._corr)}"
+            future: asyncio.Future[None] = loop.create_future()
+            self._control[corr] = (command, future)
+            pending.append((corr, command, future))
+        body = json.dumps({"commands": [{**command, "correlationData": corr} for corr, command, _ in pending]})
+        self.session.publish(topic_header(CONTROL), body.encode())
+        names = "+".join(command["command"] for _, command, _ in pending)
         try:
-            await asyncio.wait_for(asyncio.shield(future), CONTROL_TIMEOUT_S)
+            answers = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for _, _, f in pending),
+                                                            return_exceptions=True), CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"the broker did not answer {command['command']} in {CONTROL_TIMEOUT_S:g} s") from None
+            raise RuntimeError(f"the broker did not answer {names} in {CONTROL_TIMEOUT_S:g} s") from None
         finally:
-            self._control.pop(corr, None)
+            for corr, _, _ in pending:
+                self._control.pop(corr, None)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
 
     def _send_control(self, corr: str, command: dict[str, Any]) -> None:
         body = json.dumps({"commands": [{**command, "correlationData": corr}]}).encode()
@@ -355,7 +373,7 @@ def child_listeners(specs: list[Any], tls_files: dict[str, str],
             if client_certs.get(spec.name) == "required":
                 tls.update(cafile=tls_files["cafile"], crlfile=tls_files["crlfile"], require_certificate="true",
                            # The certificate is the login: its CN (the client id it was issued for) becomes the
-                           # username, hence %u in the ACL, and the client id. Mosquitto then skips the password.
+                           # username, hence its dynamic-security role, and the client id. Mosquitto then skips the password.
                            use_identity_as_username="true", use_username_as_clientid="true")
         out.append(ChildListener(spec.name, spec.host, port, tls, auto_port=not spec.port))
     return internal, out

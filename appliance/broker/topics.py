@@ -58,5 +58,6 @@ def device_publish_kind(client_id: str, topic: str) -> str | None:
 
 
 def may_subscribe(client_id: str, topic_filter: str) -> bool:
-    """A device may subscribe to its own inbox only (no wildcards)."""
+    """A device may subscribe to its own inbox only: the exact string, so no wildcard, no `$share/<group>/` or
+    `$queue/` form of it, no `$SYS/…` and nothing of another device or of the box's own subscriptions (#9)."""
     return topic_filter == inbox_topic(client_id)

@@ -13,7 +13,7 @@ VALUES (:id, :name, :api_key_hash, :enrollment_secret_hash, :created_at)
 SQL_SELECT_APPS = """
 SELECT a.id, a.name, a.api_key_hash, a.enrollment_secret_hash, a.created_at, a.key_rotated_at, a.fallback,
        a.api_key_prev_hash, a.api_key_prev_until, a.secret_prev_hash, a.secret_prev_until, a.secret_rotated_at,
-       a.require_ticket,
+       a.require_ticket, a.pushes_per_s, a.targets_per_min,
        (SELECT count(*) FROM devices d WHERE d.app_id = a.id AND d.retired_at IS NULL) AS devices
 FROM apps a ORDER BY a.created_at
 """
@@ -28,6 +28,7 @@ UPDATE apps SET secret_prev_hash = enrollment_secret_hash, secret_prev_until = ?
 WHERE id = ?
 """
 SQL_SET_REQUIRE_TICKET = "UPDATE apps SET require_ticket = ? WHERE id = ?"
+SQL_SET_LIMITS = "UPDATE apps SET pushes_per_s = ?, targets_per_min = ? WHERE id = ?"
 SQL_APP_BY_NAME_OR_ID = "SELECT id FROM apps WHERE id = ? OR name = ?"
 SQL_APP_BY_ID = SQL_SELECT_APPS.replace("FROM apps a ORDER BY a.created_at", "FROM apps a WHERE a.id = ?")
 
@@ -61,6 +62,11 @@ def rotate_api_key(conn: sqlite3.Connection, app_id: str, key_hash: str, prev_un
 
 def rotate_secret(conn: sqlite3.Connection, app_id: str, secret_hash: str, prev_until: float, now: float) -> None:
     conn.execute(SQL_ROTATE_SECRET, (prev_until, secret_hash, now, app_id))
+
+
+def set_limits(conn: sqlite3.Connection, app_id: str, pushes_per_s: float | None,
+               targets_per_min: float | None) -> None:
+    conn.execute(SQL_SET_LIMITS, (pushes_per_s, targets_per_min, app_id))
 
 
 def set_require_ticket(conn: sqlite3.Connection, app_id: str, required: bool) -> None:

@@ -128,6 +128,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE apps ADD COLUMN secret_prev_until REAL;
     ALTER TABLE apps ADD COLUMN secret_rotated_at REAL;
     ALTER TABLE apps ADD COLUMN require_ticket INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE apps ADD COLUMN pushes_per_s REAL;
+    ALTER TABLE apps ADD COLUMN targets_per_min REAL;
     CREATE TABLE enrollment_tickets (
         ticket_hash TEXT PRIMARY KEY,
         app_id TEXT NOT NULL REFERENCES apps(id),

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import certs
-from appliance.broker.mosquitto_child import ACL, ChildListener, ChildSettings, free_port, render_config, render_dynsec
+from appliance.broker.mosquitto_child import ChildListener, ChildSettings, free_port, render_config, render_dynsec
 from appliance.broker.mosquitto import PUBLISH_LANES
 from tests.conftest import Box, PahoDevice, needs_mosquitto, wait_for
 from tests.e2e.test_tls import (TlsPaho, ca_file, enroll_tls, from_p12, https, mqtt_over_tls, push, served_serial,
@@ -87,7 +87,6 @@ def test_external_broker_via_url(tmp_path: Path) -> None:
                              internal_port=admin_port)
     dynsec, _ = render_dynsec("s3cret", [])
     (d / "dynamic-security.json").write_text(dynsec)
-    (d / "acl").write_text(ACL)
     (d / "mosquitto.conf").write_text(render_config(settings))
     broker = subprocess.Popen(["mosquitto", "-c", str(d / "mosquitto.conf")], stderr=subprocess.DEVNULL)
     try:
@@ -242,7 +241,8 @@ def test_a_device_certificate_logs_in_as_its_own_device_only(mtls_mosquitto: Box
     a_cert, b_cert = from_p12(box, a["token"], tmp_path, "a"), from_p12(box, b["token"], tmp_path, "b")
     real_b = TlsPaho(b, box.port("mqtt-tls"), ca_file(box), *b_cert).connect()
     intruder = subprocess.Popen(mosquitto_cli("mosquitto_sub", box, b, ca_file(box), a_cert)
-                                + ["-t", b["inbox_topic"], "-C", "1", "-W", "3"], stdout=subprocess.PIPE, text=True)
+                                + ["-t", b["inbox_topic"], "-t", a["inbox_topic"], "-C", "1", "-W", "3"],
+                                stdout=subprocess.PIPE, text=True)  # B's inbox refused, A's keeps it connected (#9)
     try:
         wait_for(lambda: device_state(box, app, a["token"])["online"])  # it logged in as A
         assert real_b.disconnects.empty() and device_state(box, app, b["token"])["online"]

@@ -40,10 +40,6 @@ def _accepted_reason(failure: Any, case: Any, response: Any) -> str | None:
     # `cancelled_at` and the `cancelled` counts (docs/provider-api.md): not a deleted resource.
     if failure.code == "ST301" and case.operation.path == "/v1/messages/{id}" and _cancelled(response):
         return "cancel-keeps-status"
-    # Issue #16 point 3 (the HTTP edge): a 405 carries no `Allow` header yet; the edge work adds it. Remove
-    # this exclusion when it is merged.
-    if failure.code == "ST204" and response.status_code == 405 and "allow" not in response.headers:
-        return "405-without-allow-#16.3"
     return None
 
 

@@ -3,7 +3,9 @@ is one the box answers, and every real answer validates against the schema docum
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +19,8 @@ from appliance.api.routes import build_provider_app
 from tests.conftest import Box
 
 LIMITS = {"INTRAPUSH_API_MAX_BODY_BYTES": "1024", "INTRAPUSH_API_MAX_BATCH": "3", "INTRAPUSH_API_MAX_TOKENS": "4",
-          "INTRAPUSH_PUSH_MAX_TTL_S": "3600", "INTRAPUSH_PUSH_DEFAULT_TTL_S": "60"}
+          "INTRAPUSH_PUSH_MAX_TTL_S": "3600", "INTRAPUSH_PUSH_DEFAULT_TTL_S": "60",
+          "INTRAPUSH_API_BODY_TIMEOUT_S": "0.5"}
 TOO_BIG = json.dumps({"alias": "x" * 2000})  # over api.max_body_bytes=1024
 
 
@@ -41,9 +44,9 @@ def operations(document: dict[str, Any]) -> dict[str, tuple[str, str, dict[str, 
 
 
 def test_description_names_every_route_of_the_provider_listener() -> None:
-    # The routes as the daemon registers them; the handlers are never called, so no parts are needed.
-    api = ProviderApi(None, None, None, None, None)  # type: ignore[arg-type]
-    app = build_provider_app(api.routes(), 1 << 20, lambda: "")
+    # The route table as the daemon registers it; no handler is called, so the API needs none of its parts.
+    api = ProviderApi.__new__(ProviderApi)
+    app = build_provider_app(api.routes(), 1 << 20)
     # HEAD is answered for every GET, as HTTP says; the description lists the GET.
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     described = {(method, path) for path, item in openapi_document()["paths"].items() for method in item}
@@ -94,24 +97,44 @@ class Recorder:
         self.seen: set[tuple[str, int]] = set()
 
     def call(self, op_id: str, expect: int, credential: str | None, params: dict[str, str] | None = None,
-             body: Any = None, raw: str | None = None, content_type: str = "application/json") -> Any:
-        method, path, op = self.ops[op_id]
+             body: Any = None, raw: str | None = None, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> Any:
+        method, path, _ = self.ops[op_id]
         url = self.box.url + path.format(**(params or {}))
-        headers = {"Authorization": f"Bearer {credential}"} if credential else {}
+        sent = {"Authorization": f"Bearer {credential}"} if credential else {}
         content = raw if raw is not None else (json.dumps(body) if body is not None else None)
         if content is not None:
-            headers["Content-Type"] = content_type
-        r = httpx.request(method.upper(), url, content=content, headers=headers, timeout=10)
-        assert r.status_code == expect, (op_id, r.text)
-        documented = op["responses"].get(str(r.status_code))
-        assert documented is not None, f"{op_id} answered {r.status_code}, which it does not document"
+            sent["Content-Type"] = content_type
+        r = httpx.request(method.upper(), url, content=content, headers={**sent, **(headers or {})}, timeout=10)
+        return self.check(op_id, expect, r.status_code, r.headers, r.text)
+
+    def slow_body(self, op_id: str, credential: str, params: dict[str, str]) -> Any:
+        """A body that stops arriving: the edge answers once api.body_timeout_s is over."""
+        method, path, _ = self.ops[op_id]
+        host, port = self.box.addresses["http"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"{method.upper()} {path.format(**params)} HTTP/1.1\r\nHost: {host}\r\n"
+                         f"Authorization: Bearer {credential}\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 100\r\n\r\n{".encode())
+            r = http.client.HTTPResponse(sock)
+            r.begin()
+            text = r.read().decode()
+        return self.check(op_id, 408, r.status, {k.lower(): v for k, v in r.getheaders()}, text)
+
+    def check(self, op_id: str, expect: int, status: int, headers: Any, text: str) -> Any:
+        _, _, op = self.ops[op_id]
+        assert status == expect, (op_id, text)
+        documented = op["responses"].get(str(status))
+        assert documented is not None, f"{op_id} answered {status}, which it does not document"
         ((ctype, media),) = documented["content"].items()
-        assert r.headers["content-type"].split(";")[0] == ctype
+        assert headers["content-type"].split(";")[0] == ctype
+        for name, header in documented.get("headers", {}).items():
+            assert not header["required"] or name.lower() in {k.lower() for k in headers}, (op_id, name)
         if ctype == "application/json":
-            errors = [e.message for e in _validator(self.document, media["schema"]).iter_errors(r.json())]
-            assert not errors, (op_id, r.status_code, errors, r.text)
-        self.seen.add((op_id, r.status_code))
-        return r.json() if ctype == "application/json" else r.text
+            errors = [e.message for e in _validator(self.document, media["schema"]).iter_errors(json.loads(text))]
+            assert not errors, (op_id, status, errors, text)
+        self.seen.add((op_id, status))
+        return json.loads(text) if ctype == "application/json" else text
 
 
 def test_every_documented_status_is_answered_and_every_answer_matches_its_schema(box: Box,
@@ -169,9 +192,23 @@ def test_every_documented_status_is_answered_and_every_answer_matches_its_schema
     rec.call("cancelMessage", 400, key, {"id": "m1"})
     rec.call("cancelMessage", 404, key, {"id": "m" + "0" * 28})
     rec.call("getMessageStatus", 200, key, mid)  # cancelled: still readable
+    limited = box.create_app("contract-limited")
+    box.cli("app", "set-limits", limited["app_id"], "--pushes-per-s", "0.001")
+    box.enroll(limited, "one")
+    rec.call("sendPush", 202, limited["api_key"], body={"to": {"all": True}, "title": "t"})
+    assert rec.call("sendPush", 429, limited["api_key"], body={"to": {"all": True}, "title": "t"})["retry_after_s"] >= 1
+
+    # The HTTP edge: a bad Host or a header line over api.max_header_bytes on any route; a body that stops.
+    params = {"token": device["token"], "id": sent["id"], "alias": "emp-1", "topic": "news"}
+    for op_id, (_, path, op) in rec.ops.items():
+        rec.call(op_id, 400, key, params, headers={"Host": "bad host!"})
+        rec.call(op_id, 431, key, params, headers={"X-Padding": "a" * 9000})
+        if "requestBody" in op:
+            rec.slow_body(op_id, ticket["ticket"] if op_id == "enrollDevice" else key, params)
+
     rec.call("unregisterDevice", 200, key, {"token": other["token"]})
     rec.call("unregisterDevice", 410, key, {"token": other["token"]})
-    for op_id in ("getHealth", "getMetrics", "getOpenApi", "getDocs"):
+    for op_id in ("getHealth", "getOpenApi", "getDocs"):
         rec.call(op_id, 200, None)
 
     documented = {(op_id, int(status)) for op_id, (_, _, op) in rec.ops.items() for status in op["responses"]}
@@ -220,3 +257,16 @@ def test_tokens_over_api_max_tokens_are_refused_even_when_they_repeat(box: Box) 
         r = api.post("/v1/messages", json={"to": {"tokens": [device["token"]] * 5}, "title": "t"})
         assert (r.status_code, r.json()["code"]) == (400, 40007)
         assert api.post("/v1/messages", json={"to": {"tokens": [device["token"]] * 4}, "title": "t"}).status_code == 202
+
+
+def test_integers_in_data_are_described_as_the_edge_takes_them(box: Box, document: dict[str, Any]) -> None:
+    # The edge refuses an integer literal outside 64 bits. JSON Schema cannot tell 1e300 (a float literal, which
+    # the edge takes) from an integer of that size, so the description refuses both: stricter, never looser.
+    app = box.create_app("int64")
+    box.enroll(app, "d")
+    push = _validator(document, {"$ref": "#/components/schemas/PushMessage"})
+    with box.api(app) as api:
+        for value in (2**63 - 1, -(2**63), 1.5, -2.5e-3, 2**63, -(2**63) - 1, 10**30):
+            doc = {"to": {"all": True}, "data": {"n": [{"v": value}]}}
+            r = api.post("/v1/messages", content=json.dumps(doc), headers={"Content-Type": "application/json"})
+            assert r.status_code == (202 if push.is_valid(doc) else 400), (value, r.text)

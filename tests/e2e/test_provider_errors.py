@@ -154,7 +154,7 @@ def test_openapi_and_docs_are_served_without_any_external_asset(shared_box: Box)
 
 def test_metrics_count_accepted_pushes(shared_box: Box, world: dict) -> None:
     def accepted() -> float:
-        text = httpx.get(f"{shared_box.url}/metrics").text
+        text = httpx.get(shared_box.metrics_url).text
         return float(re.search(r"^intrapush_pushes_accepted_total (\S+)$", text, re.M).group(1))
 
     before = accepted()

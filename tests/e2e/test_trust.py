@@ -5,6 +5,8 @@ Only the app server, holding the API key, binds a device to a user."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import BACKENDS, Box, PahoDevice, backend_param
+from tests.conftest import BACKENDS, Box, PahoDevice, backend_param, wait_for
 
 backend = pytest.fixture(scope="module", params=BACKENDS)(backend_param)  # a broker is involved: both
 
@@ -308,3 +310,26 @@ def test_audit_log_survives_a_restart_and_records_offline_changes(box: Box) -> N
     assert entries[-1]["actor"].startswith("unix:root pid=") and entries[-1]["app_id"] == app["app_id"]
     bad = box.cli("audit", "--limit", "0", check=False)
     assert bad.returncode == 1 and "limit" in bad.stderr
+
+
+def test_simulated_device_enrolls_with_a_ticket_and_gets_pushes_to_its_alias(shared_box: Box) -> None:
+    """The README's first push: mint a ticket, `intrapush device simulate --ticket`, push to the alias."""
+    app = new_app(shared_box)
+    ticket = shared_box.ticket(app, alias="emp-4711")["ticket"]
+    cmd = [sys.executable, "-m", "appliance", "device", "simulate", "--url", shared_box.url,
+           "--app-id", app["app_id"], "--seconds", "60"]
+    sim = subprocess.Popen([*cmd, "--ticket", ticket], stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(sim.stdout.readline())
+        assert first["alias"] == "emp-4711" and first["connected"] is True
+        sent = send(shared_box, app, {"alias": "emp-4711"}, body="from the box")
+        assert sent.status_code == 202 and sent.json()["targeted"] == 1
+        got = json.loads(sim.stdout.readline())
+        assert got["push"]["body"] == "from the box" and got["token"] == first["token"]
+        with shared_box.api(app) as api:
+            wait_for(lambda: api.get(f"/v1/messages/{sent.json()['id']}").json()["counts"]["acked"] == 1, 15)
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    again = subprocess.run([*cmd, "--ticket", ticket], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "40105" in again.stderr and "Traceback" not in again.stderr

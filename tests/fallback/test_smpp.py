@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from fallback import Notice, PermanentFailure, TemporaryFailure
 from fallback.smpp import SmppConfig, SmppSender
-from tests.fallback.conftest import closed_port, stop_process
+from tests.fallback.conftest import closed_port, missing_counterpart, stop_process
 
 pytestmark = pytest.mark.asyncio
 
@@ -33,7 +33,7 @@ def node() -> str:
     """Node with the smpp package installed in tests/fallback/smsc (npm install on first use)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
-        pytest.skip("node and npm are needed for the test SMSC (npm package smpp 0.5.1); not installed")
+        missing_counterpart("node and npm are needed for the test SMSC (npm package smpp 0.5.1); not installed")
     if not (SMSC_DIR / "node_modules" / "smpp").is_dir():
         result = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=SMSC_DIR, capture_output=True,
                                 text=True, timeout=120, check=False)
