@@ -172,12 +172,13 @@ class Dispatcher:
     def handle_ack(self, link: Link, payload: bytes, confirm: Callable[[], None]) -> None:
         """An ack PUBLISH from a broker that lets us confirm it (the embedded one): `confirm` sends its
         PUBACK, and runs only once the ack is committed, so a PUBACKed ack survives a crash (#10)."""
-        online = self.online.get(link.principal.id)
         doc = _device_doc(link.client_id, "ack", payload)
-        if online is None or online.link is not link or doc is None:
+        if doc is None:
             confirm()  # nothing to record: nothing to wait for
             return
-        self._record_ack(online.device.id, link.client_id, online.sent, doc, confirm)
+        online = self.online.get(link.principal.id)
+        sent = online.sent if online is not None and online.link is link else {}  # else: by message id
+        self._record_ack(link.principal.id, link.client_id, sent, doc, confirm)
 
     def handle_detached_ack(self, device: Device, client_id: str, payload: bytes) -> None:
         """An ack that reached us apart from its device's connection: a broker relaying acks over several
@@ -422,7 +423,7 @@ class Dispatcher:
         """Retention: delete finished inbox rows and messages created before `before`, a bounded batch per
         write job; returns the inbox rows deleted."""
         cutoff_id = sql_messages.retention_cutoff_id(before)
-        deleted, after_row = 0, ("", 0)
+        deleted, after_row = 0, (0, 0)
         while True:
             next_row, n = await self.store.write(sql_messages.purge_deliveries_batch, cutoff_id, after_row,
                                                  MAINTENANCE_BATCH)

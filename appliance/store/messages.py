@@ -71,12 +71,13 @@ SELECT seq, message_id, state FROM deliveries
 WHERE device = ? AND seq > ? AND ack IS NULL AND (state IN (3, 4, 5) OR (state < 2 AND expires_at <= ?))
 ORDER BY seq LIMIT ?
 """
-# Retention walks messages in id order: ids begin with their creation time in milliseconds, so "created
-# before the cutoff" is a range of the primary key and of deliveries_message, and needs no new index.
-SQL_OLD_DELIVERIES = """
-SELECT message_id, device, seq, state FROM deliveries
-WHERE message_id < ? AND (message_id, device) > (?, ?) ORDER BY message_id, device LIMIT ?
+# Retention walks the inbox in primary-key order (each batch deletes from a few neighbouring pages, so its
+# commit writes little) and tells a push's age by its id, which starts with its creation time in
+# milliseconds: it needs no index of its own.
+SQL_INBOX_FROM = """
+SELECT device, seq, message_id, state FROM deliveries WHERE (device, seq) > (?, ?) ORDER BY device, seq LIMIT ?
 """
+SQL_HELD_BY_ESCALATIONS = "SELECT DISTINCT message_id FROM escalations WHERE message_id < ? AND state <= 1"
 SQL_OLD_MESSAGES = "SELECT id FROM messages WHERE id < ? AND id > ? ORDER BY id LIMIT ?"
 SQL_HAS_PENDING_ESCALATION = "SELECT 1 FROM escalations WHERE message_id = ? AND state <= 1 LIMIT 1"
 SQL_HAS_DELIVERIES = "SELECT 1 FROM deliveries WHERE message_id = ? LIMIT 1"
@@ -174,27 +175,22 @@ def retention_cutoff_id(before: float) -> str:
     return f"m{int(before * 1000):012x}"
 
 
-def purge_deliveries_batch(conn: sqlite3.Connection, cutoff_id: str, after: tuple[str, int],
-                           limit: int) -> tuple[tuple[str, int] | None, int]:
-    """Delete finished inbox rows of messages created before the cutoff, scanning at most `limit` rows from
-    `after` (message id, device); returns (where to go on, or None when done; rows deleted).
+def purge_deliveries_batch(conn: sqlite3.Connection, cutoff_id: str, after: tuple[int, int],
+                           limit: int) -> tuple[tuple[int, int] | None, int]:
+    """Delete finished inbox rows of messages created before the cutoff among `limit` rows from `after`
+    (device, seq); returns (where to go on, or None when done; rows deleted).
 
     A row whose message still has an escalation to run is kept: the escalation must see the ack (#10).
     Each device's highest seq is kept in its devices row first: a device's seqs never go back."""
-    rows = conn.execute(SQL_OLD_DELIVERIES, (cutoff_id, after[0], after[1], limit)).fetchall()
+    rows = conn.execute(SQL_INBOX_FROM, (after[0], after[1], limit)).fetchall()
     if not rows:
         return None, 0
-    held: dict[str, bool] = {}
+    held = {row[0] for row in conn.execute(SQL_HELD_BY_ESCALATIONS, (cutoff_id,))}
     doomed, top = [], {}
-    for mid, device, seq, state in rows:
-        if state < ACKED:
-            continue
-        if mid not in held:
-            held[mid] = conn.execute(SQL_HAS_PENDING_ESCALATION, (mid,)).fetchone() is not None
-        if held[mid]:
-            continue
-        doomed.append((device, seq))
-        top[device] = max(top.get(device, 0), seq)
+    for device, seq, mid, state in rows:
+        if state >= ACKED and mid < cutoff_id and mid not in held:
+            doomed.append((device, seq))
+            top[device] = seq  # rows come in seq order
     conn.executemany(SQL_RAISE_LAST_SEQ, [(seq, device) for device, seq in top.items()])
     conn.executemany(SQL_DELETE_DELIVERY, doomed)
     last = rows[-1]
@@ -222,7 +218,7 @@ def purge(conn: sqlite3.Connection, before: float, batch: int = 1 << 62) -> int:
     """Every purge batch in one go, on one connection (tests and `write_now`); the daemon runs the batches
     as separate write jobs (dispatch.Dispatcher.purge)."""
     cutoff_id = retention_cutoff_id(before)
-    deleted, after_row = 0, ("", 0)
+    deleted, after_row = 0, (0, 0)
     while True:
         next_row, n = purge_deliveries_batch(conn, cutoff_id, after_row, batch)
         deleted += n
