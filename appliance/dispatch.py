@@ -273,10 +273,14 @@ class Dispatcher:
         entry.state = CATCHING_UP
         entry.buffer = []
         entry.sent_through = cursor
-        first = True
+        skipped: list[tuple[int, str, str]] | None = None  # read with the first page of pending pushes
         while True:
             entry.requery = False
-            rows = await self.store.read(sql_messages.select_pending, device.id, entry.sent_through, self.clock())
+            if skipped is None:
+                rows, skipped = await self.store.read(_read_catch_up, device.id, cursor, self.clock())
+            else:
+                rows = await self.store.read(sql_messages.select_pending, device.id, entry.sent_through,
+                                             self.clock())
             if entry.link.closed or self.online.get(device.id) is not entry:
                 return
             if len(rows) > self.inbox_limit:
@@ -286,9 +290,9 @@ class Dispatcher:
                 rows = rows[len(rows) - self.inbox_limit:]
             if cursor < device.dropped_through and entry.sent_through < device.dropped_through:
                 self._send_resync(entry, device.dropped_through)
-            if first:
-                first = False
-                await self._send_gaps(entry, max(cursor, device.dropped_through))
+            if skipped:
+                await self._send_gaps(entry, skipped, device.dropped_through)
+                skipped = []
                 if entry.link.closed or self.online.get(device.id) is not entry:
                     return
             for seq, mid, payload in rows:
@@ -309,22 +313,23 @@ class Dispatcher:
             self.counters["resyncs"] += 1
             log.info("event=resync client=%s through=%d", entry.link.client_id, through)
 
-    async def _send_gaps(self, entry: Online, after: int) -> None:
+    async def _send_gaps(self, entry: Online, page: list[tuple[int, str, str]], floor: int) -> None:
         """Tell a catching-up device which pushes above its cursor it will never get and why (expired,
-        cancelled, replaced), as a resync tells it of dropped ones: no silent holes (#10)."""
-        while True:
-            skipped = await self.store.read(sql_messages.select_skipped, entry.device.id, after, self.clock(),
-                                            MAX_GAP_ENTRIES)
-            if not skipped or entry.link.closed:
+        cancelled, replaced), as a resync tells it of dropped ones: no silent holes (#10). `page` is the
+        first page of them; further pages are read here. Seqs up to `floor` are covered by a resync."""
+        while page and not entry.link.closed:
+            listed = [{"seq": seq, "id": mid, "reason": why} for seq, mid, why in page if seq > floor]
+            if listed:
+                notice = json.dumps({"type": "gap", "skipped": listed}, separators=(",", ":")).encode()
+                if not entry.link.send_push(notice):
+                    return
+                self.counters["gaps"] += 1
+                log.info("event=gap client=%s skipped=%d through=%d", entry.link.client_id, len(listed),
+                         listed[-1]["seq"])
+            if len(page) < MAX_GAP_ENTRIES:
                 return
-            notice = {"type": "gap", "skipped": [{"seq": seq, "id": mid, "reason": why} for seq, mid, why in skipped]}
-            if not entry.link.send_push(json.dumps(notice, separators=(",", ":")).encode()):
-                return
-            self.counters["gaps"] += 1
-            log.info("event=gap client=%s skipped=%d through=%d", entry.link.client_id, len(skipped), skipped[-1][0])
-            if len(skipped) < MAX_GAP_ENTRIES:
-                return
-            after = skipped[-1][0]
+            page = await self.store.read(sql_messages.select_skipped, entry.device.id, page[-1][0], self.clock(),
+                                         MAX_GAP_ENTRIES)
 
     def _record_ack(self, device_id: int, client_id: str, sent: dict[str, int], doc: dict[str, Any],
                     confirm: Callable[[], None] | None) -> None:
@@ -457,6 +462,13 @@ class Dispatcher:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self.flush_marks(final=True)
+
+
+def _read_catch_up(conn: Any, device: int, cursor: int, now: float) -> tuple[list[Any], list[Any]]:
+    """A hello's first read, in one trip to the read pool: the pending pushes above the cursor and the
+    first page of those the device will never get."""
+    return (sql_messages.select_pending(conn, device, cursor, now),
+            sql_messages.select_skipped(conn, device, cursor, now, MAX_GAP_ENTRIES))
 
 
 def _run_confirmations(written: asyncio.Future[Any], confirmations: list[Callable[[], None]]) -> None:

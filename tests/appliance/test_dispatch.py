@@ -173,6 +173,29 @@ def test_catch_up_tells_the_device_of_expired_cancelled_and_replaced_pushes_it_w
     run_with_store(tmp_path, build, scenario)
 
 
+def test_a_resync_covers_what_it_dropped_and_the_gap_notice_lists_only_what_lies_above(tmp_path: Path) -> None:
+    async def scenario(dispatcher: Dispatcher, data: BoxData, built: tuple[Device, str]) -> None:
+        device, cancelled = built
+        dispatcher.inbox_limit = 3
+        data.clock.advance(10)
+        await dispatcher.store.write(sql_messages.cancel_message, data.app_id, cancelled, data.clock())
+        link = connect(dispatcher, device)
+        dispatcher.handle_publish(link, "hello", b'{"cursor": 0}')  # type: ignore[arg-type]
+        await settle(dispatcher)
+        assert link.sent[0] == {"type": "resync", "through": 3}
+        assert link.sent[1] == {"type": "gap", "skipped": [{"seq": 7, "id": cancelled, "reason": "cancelled"}]}
+        assert link.pushes() == [4, 5, 6]
+
+    def build(data: BoxData) -> tuple[Device, str]:
+        device = data.device()
+        data.push_to(device, ttl_s=5)  # seq 1 expires, below what the resync covers
+        for _ in range(5):
+            data.push_to(device, ttl_s=600)  # seqs 2-6: one more than the inbox holds, plus seq 7
+        return device, data.push_to(device, ttl_s=600)
+
+    run_with_store(tmp_path, build, scenario)
+
+
 def test_gap_notices_come_in_bounded_pieces(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(dispatch, "MAX_GAP_ENTRIES", 2)
 
