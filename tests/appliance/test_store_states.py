@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.directory import Device
 from appliance.store import Store
 from appliance.store import devices as sql_devices
 from appliance.store import escalations as sql_escalations
@@ -24,24 +25,24 @@ def data(tmp_path: Path) -> Iterator[BoxData]:
         store.close()
 
 
-def _expire(data: BoxData, device, mid: str) -> None:  # noqa: ANN001
+def _expire(data: BoxData, device: Device, mid: str) -> None:
     data.clock.advance(120)
     data.store.write_now(sql_messages.expire_batch, data.clock(), 100)
 
 
-def _cancel(data: BoxData, device, mid: str) -> None:  # noqa: ANN001
+def _cancel(data: BoxData, device: Device, mid: str) -> None:
     data.store.write_now(sql_messages.cancel_message, data.app_id, mid, data.clock())
 
 
-def _replace(data: BoxData, device, mid: str) -> None:  # noqa: ANN001
+def _replace(data: BoxData, device: Device, mid: str) -> None:
     data.push_to(device, collapse_key="k")
 
 
-def _drop(data: BoxData, device, mid: str) -> None:  # noqa: ANN001
+def _drop(data: BoxData, device: Device, mid: str) -> None:
     data.store.write_now(sql_messages.drop_through, device.id, device.last_seq, data.clock())
 
 
-def _unregister(data: BoxData, device, mid: str) -> None:  # noqa: ANN001
+def _unregister(data: BoxData, device: Device, mid: str) -> None:
     data.store.write_now(sql_devices.retire_device, device.id, "revoked", data.clock())
 
 
