@@ -1,4 +1,5 @@
-"""How long a push waits for the store while retention purges a big backlog (#10).
+"""How long a push waits for the store while retention purges, or the expiry sweep expires, a big backlog
+(#10).
 
     python bench/purge_latency.py [--rows 200000] [--devices 1000]
 
@@ -6,7 +7,9 @@ Fills a store (synchronous=full, as shipped) with `--rows` acked inbox rows of p
 retention, then purges them while a provider-like writer commits one push every 5 ms, and reports that
 writer's commit latency (max, p99, median) during the purge and the purge's duration. Run once with the
 daemon's batched purge (`dispatch.Dispatcher.purge`) and once with the previous one-statement purge, kept
-here as the reference. The 202 of a push waits for exactly this commit.
+here as the reference; then the same for the expiry sweep (`Dispatcher.sweep`) over as many pending rows
+whose TTL passed, batched and as the previous single UPDATE. The 202 of a push waits for exactly this
+commit.
 """
 
 from __future__ import annotations
@@ -51,7 +54,14 @@ def old_purge(conn: Any, before: float) -> int:
     return n
 
 
-def fill(store: Store, rows: int, devices: int, now: float) -> None:
+OLD_EXPIRE = "UPDATE deliveries SET state = 3, updated_at = ? WHERE state < 2 AND expires_at <= ?"
+
+
+def old_expire(conn: Any, now: float) -> int:
+    return conn.execute(OLD_EXPIRE, (now, now)).rowcount
+
+
+def fill(store: Store, rows: int, devices: int, now: float, pending: bool = False) -> None:
     old = now - 40 * DAY
     store.write_now(sql_apps.insert_app, {"id": "app_1", "name": "a", "api_key_hash": "k",
                                           "enrollment_secret_hash": "s", "created_at": now})
@@ -68,8 +78,9 @@ def fill(store: Store, rows: int, devices: int, now: float) -> None:
             conn.execute("INSERT INTO messages (id, app_id, created_at, expires_at, payload, target, targeted) "
                          "VALUES (?, 'app_1', ?, ?, '{}', '{}', ?)", (mid, created, created + 60, devices))
             conn.executemany("INSERT INTO deliveries (device, seq, message_id, state, ack, expires_at, updated_at) "
-                             "VALUES (?, ?, ?, 2, 1, ?, ?)",
-                             [(d, m + 1, mid, created + 60, created + 1) for d in range(1, devices + 1)])
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [(d, m + 1, mid, 0 if pending else 2, None if pending else 1, created + 60,
+                               created + 1) for d in range(1, devices + 1)])
 
     store.write_now(insert)
 
@@ -105,17 +116,21 @@ async def measure(store: Store, purge: Any, now: float) -> dict[str, float]:
             "commit_ms_median": round(statistics.median(during) * 1000, 1)}
 
 
-async def run_one(path: Path, batched: bool, rows: int, devices: int) -> dict[str, float]:
+async def run_one(path: Path, kind: str, batched: bool, rows: int, devices: int) -> dict[str, float]:
     now = time.time()
     store = Store(path)
-    fill(store, rows, devices, now)
+    fill(store, rows, devices, now, pending=kind == "expiry")
     store.start()
     try:
+        dispatcher = Dispatcher(store, Directory(), clock=lambda: now)
+        if kind == "expiry":
+            async def batched_sweep() -> int:
+                await dispatcher.sweep()
+                return dispatcher.counters["expired"]
+            return await measure(store, batched_sweep if batched else lambda: store.write(old_expire, now), now)
         cutoff = now - 30 * DAY
-        if batched:
-            dispatcher = Dispatcher(store, Directory())
-            return await measure(store, lambda: dispatcher.purge(cutoff), now)
-        return await measure(store, lambda: store.write(old_purge, cutoff), now)
+        return await measure(store, (lambda: dispatcher.purge(cutoff)) if batched
+                             else (lambda: store.write(old_purge, cutoff)), now)
     finally:
         store.close()
 
@@ -128,8 +143,10 @@ def main() -> None:
     result: dict[str, Any] = {"bench": "purge_latency", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "host": platform.node(), "rows": args.rows, "devices": args.devices}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, batched in (("one_statement", False), ("batched", True)):
-            result[name] = asyncio.run(run_one(Path(tmp) / f"{name}.db", batched, args.rows, args.devices))
+        for kind in ("purge", "expiry"):
+            for name, batched in (("one_statement", False), ("batched", True)):
+                result[f"{kind}_{name}"] = asyncio.run(run_one(Path(tmp) / f"{kind}_{name}.db", kind, batched,
+                                                               args.rows, args.devices))
     print(json.dumps(result, indent=2))
     if not os.environ.get("BENCH_NO_RECORD"):
         with RESULTS.open("a") as f:

@@ -216,7 +216,7 @@ def test_gap_notices_come_in_bounded_pieces(tmp_path: Path, monkeypatch: Any) ->
 
 
 def test_sweep_expires_in_batches_and_trims_overfull_inboxes(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(dispatch, "MAINTENANCE_BATCH", 3)
+    monkeypatch.setattr(dispatch, "EXPIRY_BATCH", 3)
 
     async def scenario(dispatcher: Dispatcher, data: BoxData, devices: list[Device]) -> None:
         dispatcher.inbox_limit = 2
