@@ -18,6 +18,7 @@ import asyncio
 import logging
 import ssl
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -57,6 +58,7 @@ class DeviceGate(Protocol):
     def authenticate(self, client_id: str, username: str | None, password: str | None) -> Any | None: ...
     def handle_connected(self, link: DeviceLink) -> None: ...
     def handle_publish(self, link: DeviceLink, kind: str, payload: bytes) -> None: ...
+    def handle_ack(self, link: DeviceLink, payload: bytes, confirm: Callable[[], None]) -> None: ...
     def handle_disconnected(self, link: DeviceLink, reason: str) -> None: ...
 
 
@@ -516,11 +518,15 @@ class EmbeddedBroker(Broker):
                 raise ProtocolViolation("PUBLISH packet id 0")
             end += 2
         payload = body[end:]
+        kind = topics.device_publish_kind(link.client_id, topic)
+        if qos == 1 and kind == "ack":
+            # The PUBACK of an ack follows the ack's commit: a device that got it may forget the ack (#10).
+            self.gate.handle_ack(link, payload, partial(link.write_raw, b"\x40\x02" + _PACK_H(pid)))
+            return
         if qos == 1:
             link.write_raw(b"\x40\x02" + _PACK_H(pid))
         elif qos == 2:
             link.write_raw(b"\x50\x02" + _PACK_H(pid))
-        kind = topics.device_publish_kind(link.client_id, topic)
         if kind is None:
             # MQTT 3.1.1 cannot refuse a PUBLISH: it is acknowledged and dropped, as Mosquitto does.
             log.info("event=denied_publish client=%s topic=%r", link.client_id, topic[:128])
