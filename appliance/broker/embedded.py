@@ -2,6 +2,7 @@
 
 amqtt 0.12.1 accepts the socket and owns the listeners; each connection is then served here, because
 its own session layer cannot face real devices (see docs/architecture.md, "Embedded broker"):
+  - a source address over its connect rate or connection cap is closed right after accept, before TLS;
   - authentication runs before any session state is touched (a wrong password cannot take over);
   - a complete CONNECT must arrive within `connect_timeout_s`, as the first packet;
   - keepalive is enforced: a client silent for keepalive x grace is closed and reported offline;

@@ -98,13 +98,18 @@ def _metric(box: Box, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _raw(port: int, source: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    return sock
+def _raw(port: int, source: str) -> socket.socket | None:
+    """A TCP connection from `source`; None when the box's reset came back before connect() returned."""
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    except ConnectionResetError:
+        return None
 
 
-def _is_refused(sock: socket.socket) -> bool:
+def _is_refused(sock: socket.socket | None) -> bool:
     """True when the box closed the connection without a byte; False when it is still open after 0.5 s."""
+    if sock is None:
+        return True
     sock.settimeout(0.5)
     try:
         return sock.recv(1) == b""
@@ -147,7 +152,8 @@ def test_flooding_source_is_refused_at_accept_and_does_not_stop_another_source(f
         assert len(lines) == 1 and "reason=connect_rate" in lines[0], lines  # logged once, not per connection
     finally:
         for s in socks:
-            s.close()
+            if s is not None:
+                s.close()
 
 
 def test_refused_connection_is_closed_before_the_tls_handshake(flooded: Box) -> None:
@@ -159,12 +165,15 @@ def test_refused_connection_is_closed_before_the_tls_handshake(flooded: Box) -> 
         assert verdicts[:5] == [False] * 5 and sum(verdicts) >= 6, verdicts
     finally:
         for s in socks:
-            s.close()
+            if s is not None:
+                s.close()
 
 
 def test_loopback_address_127_0_0_1_is_exempt_by_default(flooded: Box) -> None:
-    socks = [_raw(flooded.mqtt_port, "127.0.0.1") for _ in range(30)]
+    opened = [_raw(flooded.mqtt_port, "127.0.0.1") for _ in range(30)]
+    socks = [s for s in opened if s is not None]
     try:
+        assert len(socks) == 30
         for s in socks:
             s.sendall(connect_packet("nobody", "nobody", "wrong"))
         # Every one gets as far as its CONNACK (refused for its credentials, not by the per-source limit).
@@ -193,6 +202,37 @@ def test_concurrent_cap_per_source_refuses_one_more_until_one_closes(tmp_path: P
         wait_for(again.is_connected)
         assert "reason=max_connections_per_source" in box.log()
         for c in (*clients[1:], other, again):
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        box.stop()
+
+
+def test_websocket_listener_applies_the_same_limits_after_the_upgrade(tmp_path: Path) -> None:
+    box = _box(tmp_path, ws_listen="127.0.0.1:0", connect_rate_per_source="0.01", connect_burst_per_source="2")
+    try:
+        app = box.create_app()
+        devices = [box.enroll(app, f"w{i}") for i in range(4)]
+        port = box.port("mqtt-ws")
+
+        def client(e: dict[str, Any], source: str) -> mqtt.Client:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=e["mqtt"]["client_id"],
+                            protocol=mqtt.MQTTv311, transport="websockets")
+            c.username_pw_set(e["mqtt"]["username"], e["mqtt"]["password"])
+            c.connect("127.0.0.1", port, keepalive=30, bind_address=source)
+            c.loop_start()
+            return c
+
+        admitted = [client(e, FLOODER) for e in devices[:2]]
+        wait_for(lambda: all(c.is_connected() for c in admitted))
+        over = client(devices[2], FLOODER)
+        wait_for(lambda: _metric(box, "intrapush_mqtt_connects_throttled_total") >= 1)
+        assert not over.is_connected()
+        neighbour = client(devices[3], NEIGHBOUR)
+        wait_for(neighbour.is_connected)
+        assert any("event=refused" in line and "listener=mqtt-ws" in line and "reason=connect_rate" in line
+                   for line in box.log().splitlines())
+        for c in (*admitted, over, neighbour):
             c.disconnect()
             c.loop_stop()
     finally:
