@@ -23,6 +23,7 @@ from appliance.api.limits import Limits
 from appliance.api.edge import EdgeLimits, EdgeRunner, EdgeSite
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_metrics_app, build_provider_app
+from appliance.broker.admission import exempt_sources
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
 from appliance.config import Config, parse_listen
 from appliance.datadir import RUN_FILE
@@ -126,7 +127,8 @@ class Daemon:
         if not specs:
             raise StartupError("no MQTT listener: set broker.tls_listen (or another broker.*listen)")
         limits = BrokerLimits(b.connect_timeout_s, b.max_packet_bytes, b.max_keepalive_s, b.keepalive_grace,
-                              b.max_write_buffer_bytes)
+                              b.max_write_buffer_bytes, b.connect_rate_per_source, b.connect_burst_per_source,
+                              b.max_connections_per_source, exempt_sources(b.connect_limit_exempt))
         if b.backend == "mosquitto":
             from appliance.broker import mosquitto  # noqa: PLC0415 - only this backend needs it
             self.broker = mosquitto.from_config(cfg, specs, dispatcher, self._broker_logins, tls.store)
