@@ -140,17 +140,10 @@ class OfflineAccounts:
         return created
 
     def rotate_key(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
-        key = new_secret("ak_")
-        grace = _grace(grace_s, API_KEY_GRACE_S)
-        row = self.store.write_now(_rotate_checked, name_or_id, "api_key", hash_secret(key), grace, time.time(), actor)
-        return {"app_id": row["id"], "api_key": key, "previous_valid_until": row["api_key_prev_until"]}
+        return _rotated(self.store.write_now(*_rotation(name_or_id, "api_key", grace_s, actor)))
 
     def rotate_secret(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
-        secret = new_secret("es_")
-        grace = _grace(grace_s, SECRET_GRACE_S)
-        row = self.store.write_now(_rotate_checked, name_or_id, "secret", hash_secret(secret), grace, time.time(),
-                                   actor)
-        return {"app_id": row["id"], "enrollment_secret": secret, "previous_valid_until": row["secret_prev_until"]}
+        return _rotated(self.store.write_now(*_rotation(name_or_id, "secret", grace_s, actor)))
 
     def list_apps(self) -> list[dict[str, Any]]:
         return [_public_app(a) for a in self.store.read_now(sql_apps.select_apps)]
@@ -181,6 +174,23 @@ class OfflineAccounts:
     def audit(self, app: str | None, before: int | None, limit: int) -> list[dict[str, Any]]:
         app_id = None if app is None else self.store.read_now(_app_id_checked, app)
         return self.store.read_now(sql_audit.select, app_id, before, limit)
+
+
+def _rotation(name_or_id: str, what: str, grace_s: int | None, actor: str) -> tuple[Any, ...]:
+    """A write job that rotates the API key (`api_key`) or the enrollment secret (`secret`)."""
+    fresh = new_secret("ak_" if what == "api_key" else "es_")
+    grace = _grace(grace_s, API_KEY_GRACE_S if what == "api_key" else SECRET_GRACE_S)
+
+    def rotate(conn: Any) -> tuple[dict[str, Any], str, str]:
+        return _rotate_checked(conn, name_or_id, what, hash_secret(fresh), grace, time.time(), actor), what, fresh
+    return (rotate,)
+
+
+def _rotated(done: tuple[dict[str, Any], str, str]) -> dict[str, Any]:
+    row, what, fresh = done
+    if what == "api_key":
+        return {"app_id": row["id"], "api_key": fresh, "previous_valid_until": row["api_key_prev_until"]}
+    return {"app_id": row["id"], "enrollment_secret": fresh, "previous_valid_until": row["secret_prev_until"]}
 
 
 def _fallback_args(name_or_id: str, policy: dict[str, Any] | None, actor: str) -> tuple[Any, ...]:
@@ -266,20 +276,14 @@ class Accounts(OfflineAccounts):
         return created
 
     async def rotate_key_async(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
-        key = new_secret("ak_")
-        grace = _grace(grace_s, API_KEY_GRACE_S)
-        row = await self.store.write(_rotate_checked, name_or_id, "api_key", hash_secret(key), grace, time.time(),
-                                     actor)
-        self.directory.add_app(App.from_row(row))
-        return {"app_id": row["id"], "api_key": key, "previous_valid_until": row["api_key_prev_until"]}
+        return self._rotated_live(await self.store.write(*_rotation(name_or_id, "api_key", grace_s, actor)))
 
     async def rotate_secret_async(self, name_or_id: str, grace_s: int | None, actor: str) -> dict[str, Any]:
-        secret = new_secret("es_")
-        grace = _grace(grace_s, SECRET_GRACE_S)
-        row = await self.store.write(_rotate_checked, name_or_id, "secret", hash_secret(secret), grace,
-                                     time.time(), actor)
-        self.directory.add_app(App.from_row(row))
-        return {"app_id": row["id"], "enrollment_secret": secret, "previous_valid_until": row["secret_prev_until"]}
+        return self._rotated_live(await self.store.write(*_rotation(name_or_id, "secret", grace_s, actor)))
+
+    def _rotated_live(self, done: tuple[dict[str, Any], str, str]) -> dict[str, Any]:
+        self.directory.add_app(App.from_row(done[0]))  # the new credential, and the previous one until its end
+        return _rotated(done)
 
     async def set_app_fallback_async(self, name_or_id: str, policy: dict[str, Any] | None,
                                      actor: str) -> dict[str, Any]:

@@ -247,22 +247,23 @@ def _until(ts: float | None) -> str:
     return "keeps working until " + dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def cmd_app_rotate(args: argparse.Namespace) -> int:
+def _rotate(args: argparse.Namespace, route: str, field: str, what: str) -> int:
+    """Rotate the API key or the enrollment secret; print the new one and until when the previous works."""
     body = {"grace_s": args.grace_s} if args.grace_s is not None else {}
-    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/rotate-key",
-                          lambda acc: acc.rotate_key(args.app, args.grace_s, _offline_actor()), body)
-    _print(args, doc, f"app_id: {doc['app_id']}\napi_key: {doc['api_key']}\n"
-                      f"(shown only now; the previous key {_until(doc['previous_valid_until'])})")
+    method = "rotate_key" if field == "api_key" else "rotate_secret"
+    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/{route}",
+                          lambda acc: getattr(acc, method)(args.app, args.grace_s, _offline_actor()), body)
+    _print(args, doc, f"app_id: {doc['app_id']}\n{field}: {doc[field]}\n"
+                      f"(shown only now; the previous {what} {_until(doc['previous_valid_until'])})")
     return 0
+
+
+def cmd_app_rotate(args: argparse.Namespace) -> int:
+    return _rotate(args, "rotate-key", "api_key", "key")
 
 
 def cmd_app_rotate_secret(args: argparse.Namespace) -> int:
-    body = {"grace_s": args.grace_s} if args.grace_s is not None else {}
-    doc = _admin(args).do("POST", f"/admin/apps/{args.app}/rotate-secret",
-                          lambda acc: acc.rotate_secret(args.app, args.grace_s, _offline_actor()), body)
-    _print(args, doc, f"app_id: {doc['app_id']}\nenrollment_secret: {doc['enrollment_secret']}\n"
-                      f"(shown only now; the previous secret {_until(doc['previous_valid_until'])})")
-    return 0
+    return _rotate(args, "rotate-secret", "enrollment_secret", "secret")
 
 
 def cmd_app_enrollment(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ A secret may also come from `INTRAPUSH_<SECTION>_<KEY>_FILE` (the file's content
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
@@ -70,7 +71,22 @@ SETTINGS: tuple[Setting, ...] = (
     # Pushes are small (4 KiB payload cap); a cap far above that stops memory exhaustion by one client.
     S("broker", "max_packet_bytes", 65536, "largest MQTT packet accepted from a client; larger closes the connection", minimum=256, maximum=268435455),
     S("broker", "max_write_buffer_bytes", 1048576, "unsent bytes queued for one client before it is dropped as too slow", minimum=4096),
-    S("broker", "max_connections", 0, "most simultaneous MQTT connections per listener; 0 is no limit", minimum=0),
+    S("broker", "max_connections", 0, "most simultaneous MQTT connections per listener; 0 is no limit (Mosquitto: "
+      "derived from the file limit)", minimum=0),
+    # Per source address (#10). A NAT or a VPN concentrator may put a whole site behind one address: with a
+    # burst of 100 and 20/s, 1,000 devices coming back behind one address are all in within 45 s, while one
+    # hostile address opens no more than 20 connections a second.
+    S("broker", "connect_rate_per_source", 20.0, "embedded backend: new MQTT connections per second from one source "
+      "address (IPv6: one /64), beyond the burst; 0 is no limit", minimum=0),
+    S("broker", "connect_burst_per_source", 100, "embedded backend: new MQTT connections one source address may open "
+      "at once before connect_rate_per_source applies", minimum=1),
+    # Off: only the site knows how many devices share an address behind its NATs; any fixed number would lock
+    # out the devices of a large one. The rate above and max_connections still bound one source.
+    S("broker", "max_connections_per_source", 0, "embedded backend: most simultaneous MQTT connections from one "
+      "source address (IPv6: one /64); 0 is no limit", minimum=0),
+    # Loopback only: a TLS proxy or a load generator on the box itself brings every device from one of these.
+    S("broker", "connect_limit_exempt", "127.0.0.1,::1", "comma-separated source addresses the per-source limits "
+      "never apply to"),
     # --- api ------------------------------------------------------------------------------------
     S("api", "tls_listen", "0.0.0.0:8443", "provider and enrollment API over HTTPS, host:port; empty turns it off"),
     S("api", "listen", "", "provider API over plain HTTP (trusted networks only), host:port; empty turns it off"),
@@ -320,6 +336,12 @@ class Config:
                 parse_listen(values[name])
             except ValueError as exc:
                 problems.append(f"`{name}` ({sources[name]}): {exc}")
+        for address in filter(None, (a.strip() for a in values["broker.connect_limit_exempt"].split(","))):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                problems.append(f"`broker.connect_limit_exempt` ({sources['broker.connect_limit_exempt']}): "
+                                f"{address!r} is not an IP address")
         if values["push.default_ttl_s"] > values["push.max_ttl_s"]:
             problems.append("`push.default_ttl_s` is larger than `push.max_ttl_s`")
         if problems:

@@ -24,6 +24,7 @@ from appliance.api.edge import EdgeLimits, EdgeRunner, EdgeSite
 from appliance.api.openapi import ApiLimits
 from appliance.api.provider import ProviderApi, ProviderSettings
 from appliance.api.routes import build_admin_app, build_metrics_app, build_provider_app
+from appliance.broker.admission import exempt_sources
 from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
 from appliance.config import Config, parse_listen
 from appliance.datadir import RUN_FILE
@@ -33,7 +34,6 @@ from appliance.errors import StartupError
 from appliance.escalation import ChannelSettings, Escalator
 from appliance.store import Store
 from appliance.store import devices as sql_devices
-from appliance.store import messages as sql_messages
 from appliance.tls import TlsManager, TlsSettings, default_names
 from certs import CertError, CertStore
 from fallback.base import Notice
@@ -128,7 +128,8 @@ class Daemon:
         if not specs:
             raise StartupError("no MQTT listener: set broker.tls_listen (or another broker.*listen)")
         limits = BrokerLimits(b.connect_timeout_s, b.max_packet_bytes, b.max_keepalive_s, b.keepalive_grace,
-                              b.max_write_buffer_bytes)
+                              b.max_write_buffer_bytes, b.connect_rate_per_source, b.connect_burst_per_source,
+                              b.max_connections_per_source, exempt_sources(b.connect_limit_exempt))
         if b.backend == "mosquitto":
             from appliance.broker import mosquitto  # noqa: PLC0415 - only this backend needs it
             self.broker = mosquitto.from_config(cfg, specs, dispatcher, self._broker_logins, tls.store)
@@ -243,7 +244,9 @@ class Daemon:
         return await self.store.read(sql_devices.select_broker_credentials)
 
     async def _sweep_forever(self) -> None:
-        assert self.dispatcher is not None and self.store is not None
+        """Expiry every `push.expiry_sweep_s`, retention every hour; both in bounded write batches, so
+        neither holds up a push (#10)."""
+        assert self.dispatcher is not None
         last_purge = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.push.expiry_sweep_s)
@@ -251,9 +254,7 @@ class Daemon:
                 await self.dispatcher.sweep()
                 if time.monotonic() - last_purge >= PURGE_EVERY_S:
                     last_purge = time.monotonic()
-                    cutoff = time.time() - self.cfg.store.retention_days * 86400
-                    purged = await self.store.write(sql_messages.purge, cutoff)
-                    log.info("event=purged deliveries=%d", purged)
+                    await self.dispatcher.purge(time.time() - self.cfg.store.retention_days * 86400)
             except Exception:
                 log.exception("event=sweep_failed")
 
@@ -283,7 +284,9 @@ class Daemon:
             await self.stop()
 
     async def stop(self) -> None:
-        """Stop taking requests, close devices, finish queued writes, close the store."""
+        """Stop taking requests, close devices, let fallback sends under way finish, finish queued writes,
+        close the store. The fallback drain starts first and runs beside the rest of the stop."""
+        draining = asyncio.ensure_future(self.escalator.close()) if self.escalator is not None else None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -292,8 +295,8 @@ class Daemon:
         if self.broker is not None:
             with contextlib.suppress(Exception):
                 await self.broker.shutdown()
-        if self.escalator is not None:
-            await self.escalator.close()
+        if draining is not None:
+            await draining
         if self.dispatcher is not None:
             await self.dispatcher.close()
         if self.store is not None:

@@ -168,10 +168,12 @@ class Device:
                         writer.write(b"\x40\x02" + body[off:off + 2])
                         off += 2
                     doc = json.loads(body[off:])
-                    if doc.get("type") == "resync":
+                    kind = doc.get("type")
+                    if kind == "resync":
                         self.cursor = max(self.cursor, doc["through"])
-                    else:
+                    elif kind is None:
                         self.cursor = max(self.cursor, doc["seq"])
+                    # "gap" and "ack_receipt" notices leave the cursor alone (docs/protocol.md)
                     if self.on_push is not None:
                         self.on_push(doc)
                     else:

@@ -27,6 +27,13 @@ log = logging.getLogger("appliance.dispatch")
 CONNECTED, CATCHING_UP, LIVE = 0, 1, 2
 MAX_TRACKED_SENT = 4096  # per connection: message id -> seq, to turn acks into primary-key updates
 MAX_CATCHUP_BUFFER = 10000  # live pushes held while a catch-up query runs; beyond it, query again
+MAX_GAP_ENTRIES = 1000  # skipped pushes listed in one gap notice; more follow in further notices
+# Rows per maintenance write job, so a 202 never waits behind a whole expiry sweep or retention purge (#10).
+# The purge deletes in key order (few pages per batch); expiry updates rows in expiry order, spread over
+# as many pages as rows, so its batches are smaller (bench/purge_latency.py: a push's commit waited a
+# median 7-24 ms beside 500-row batches, 40-50 ms beside 2,000-row ones).
+MAINTENANCE_BATCH = 2000
+EXPIRY_BATCH = 500
 
 
 class Link(Protocol):
@@ -114,11 +121,12 @@ class Dispatcher:
         self._delivered_held: list[tuple[float, int, int]] = []  # sent in the previous flush window, not acked
         self._acks_by_seq: list[tuple[int, float, int, int, str, int]] = []
         self._acks_by_id: list[tuple[int, float, str, int, int]] = []
+        self._confirmations: list[Callable[[], None]] = []  # run once the acks they confirm committed
         self._seen: dict[int, float] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.on_fallback_queued: Callable[[], None] | None = None
-        self.counters = {"accepted": 0, "delivered": 0, "acked": 0, "expired": 0, "resyncs": 0}
+        self.counters = {"accepted": 0, "delivered": 0, "acked": 0, "expired": 0, "resyncs": 0, "gaps": 0}
 
     # -- broker events (DeviceGate) --------------------------------------------------------------
     def authenticate(self, client_id: str, username: str | None, password: str | None) -> Device | None:
@@ -161,8 +169,19 @@ class Dispatcher:
                 return
             self._spawn(self._catch_up(online, cursor))
         elif kind == "ack":
-            self._record_ack(online.device.id, link.client_id, online.sent, doc)
+            self._record_ack(online.device.id, link.client_id, online.sent, doc, None)
         # "status" is the device's last will; presence already comes from the connection itself.
+
+    def handle_ack(self, link: Link, payload: bytes, confirm: Callable[[], None]) -> None:
+        """An ack PUBLISH from a broker that lets us confirm it (the embedded one): `confirm` sends its
+        PUBACK, and runs only once the ack is committed, so a PUBACKed ack survives a crash (#10)."""
+        doc = _device_doc(link.client_id, "ack", payload)
+        if doc is None:
+            confirm()  # nothing to record: nothing to wait for
+            return
+        online = self.online.get(link.principal.id)
+        sent = online.sent if online is not None and online.link is link else {}  # else: by message id
+        self._record_ack(link.principal.id, link.client_id, sent, doc, confirm)
 
     def handle_detached_ack(self, device: Device, client_id: str, payload: bytes) -> None:
         """An ack that reached us apart from its device's connection: a broker relaying acks over several
@@ -170,7 +189,7 @@ class Dispatcher:
         by message id, like an ack of a push sent over an earlier connection."""
         doc = _device_doc(client_id, "ack", payload)
         if doc is not None:
-            self._record_ack(device.id, client_id, {}, doc)
+            self._record_ack(device.id, client_id, {}, doc, None)
 
     # -- provider side ---------------------------------------------------------------------------
     def prepare(self, app_id: str, item: dict[str, Any], targets: list[Device], ttl_s: int,
@@ -257,9 +276,14 @@ class Dispatcher:
         entry.state = CATCHING_UP
         entry.buffer = []
         entry.sent_through = cursor
+        skipped: list[tuple[int, str, str]] | None = None  # read with the first page of pending pushes
         while True:
             entry.requery = False
-            rows = await self.store.read(sql_messages.select_pending, device.id, entry.sent_through, self.clock())
+            if skipped is None:
+                rows, skipped = await self.store.read(_read_catch_up, device.id, cursor, self.clock())
+            else:
+                rows = await self.store.read(sql_messages.select_pending, device.id, entry.sent_through,
+                                             self.clock())
             if entry.link.closed or self.online.get(device.id) is not entry:
                 return
             if len(rows) > self.inbox_limit:
@@ -269,6 +293,11 @@ class Dispatcher:
                 rows = rows[len(rows) - self.inbox_limit:]
             if cursor < device.dropped_through and entry.sent_through < device.dropped_through:
                 self._send_resync(entry, device.dropped_through)
+            if skipped:
+                await self._send_gaps(entry, skipped, device.dropped_through)
+                skipped = []
+                if entry.link.closed or self.online.get(device.id) is not entry:
+                    return
             for seq, mid, payload in rows:
                 if seq > entry.sent_through:
                     self._send(entry, seq, mid, payload[1:].encode())
@@ -287,13 +316,40 @@ class Dispatcher:
             self.counters["resyncs"] += 1
             log.info("event=resync client=%s through=%d", entry.link.client_id, through)
 
-    def _record_ack(self, device_id: int, client_id: str, sent: dict[str, int], doc: dict[str, Any]) -> None:
-        """`sent`: the seqs of what this connection sent the device, by message id ({} for none)."""
+    async def _send_gaps(self, entry: Online, page: list[tuple[int, str, str]], floor: int) -> None:
+        """Tell a catching-up device which pushes above its cursor it will never get and why (expired,
+        cancelled, replaced), as a resync tells it of dropped ones: no silent holes (#10). `page` is the
+        first page of them; further pages are read here. Seqs up to `floor` are covered by a resync."""
+        while page and not entry.link.closed:
+            listed = [{"seq": seq, "id": mid, "reason": why} for seq, mid, why in page if seq > floor]
+            if listed:
+                notice = json.dumps({"type": "gap", "skipped": listed}, separators=(",", ":")).encode()
+                if not entry.link.send_push(notice):
+                    return
+                self.counters["gaps"] += 1
+                log.info("event=gap client=%s skipped=%d through=%d", entry.link.client_id, len(listed),
+                         listed[-1]["seq"])
+            if len(page) < MAX_GAP_ENTRIES:
+                return
+            page = await self.store.read(sql_messages.select_skipped, entry.device.id, page[-1][0], self.clock(),
+                                         MAX_GAP_ENTRIES)
+
+    def _record_ack(self, device_id: int, client_id: str, sent: dict[str, int], doc: dict[str, Any],
+                    confirm: Callable[[], None] | None) -> None:
+        """`sent`: the seqs of what this connection sent the device, by message id ({} for none). `confirm`,
+        and the ack receipt the device asked for with `"receipt": true`, follow the commit of the acks."""
         ids, state = doc.get("ids"), doc.get("state", "received")
         rank = sql_messages.ACK_RANKS.get(state) if isinstance(state, str) else None
         if not isinstance(ids, list) or rank is None or len(ids) > 1000:
             log.info("event=bad_device_message client=%s kind=ack reason=bad_fields", client_id)
+            if confirm is not None:
+                confirm()
             return
+        if confirm is not None:
+            self._confirmations.append(confirm)
+        if doc.get("receipt") is True:
+            valid = [mid for mid in ids if isinstance(mid, str) and is_message_id(mid)]
+            self._confirmations.append(lambda: self._send_receipt(device_id, valid, state))
         now = self.clock()
         for mid in ids:
             if not isinstance(mid, str) or not is_message_id(mid):
@@ -306,13 +362,20 @@ class Dispatcher:
             self.counters["acked"] += 1
         self._schedule_flush()
 
+    def _send_receipt(self, device_id: int, ids: list[str], state: str) -> None:
+        entry = self.online.get(device_id)
+        if entry is not None:
+            notice = {"type": "ack_receipt", "ids": ids, "state": state}
+            entry.link.send_push(json.dumps(notice, separators=(",", ":")).encode())
+
     # -- bookkeeping -----------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(0.02, self.flush_marks)
 
     def flush_marks(self, final: bool = False) -> None:
-        """Queue delivered marks, acks and last-seen times as one write (group-committed, not awaited).
+        """Queue delivered marks, acks and last-seen times as one write (group-committed, not awaited by the
+        loop); the acks' confirmations (PUBACK, ack receipt) run once that write has committed.
 
         A delivered mark waits one more flush window: a device acks within milliseconds, and its ack
         supersedes the mark, so most pushes cost one UPDATE, not two. (A mark lost in a crash only leaves
@@ -323,13 +386,17 @@ class Dispatcher:
         by_seq, self._acks_by_seq = self._acks_by_seq, []
         by_id, self._acks_by_id = self._acks_by_id, []
         seen, self._seen = self._seen, {}
+        confirmations, self._confirmations = self._confirmations, []
         if by_seq:
             acked = {(row[2], row[3]) for row in by_seq}
             held = [row for row in held if (row[1], row[2]) not in acked]
             fresh = [row for row in fresh if (row[1], row[2]) not in acked]
         if final:
             held, fresh = held + fresh, []
-        if held or by_seq or by_id or seen:
+        if confirmations:
+            written = self.store.write(_write_marks, held, by_seq, by_id, [(t, d) for d, t in seen.items()])
+            written.add_done_callback(lambda f: _run_confirmations(f, confirmations))
+        elif held or by_seq or by_id or seen:
             self.store.write_later(_write_marks, held, by_seq, by_id, [(t, d) for d, t in seen.items()])
         if fresh:
             self._delivered_held = fresh
@@ -342,14 +409,44 @@ class Dispatcher:
             entry.link.close(reason)
 
     async def sweep(self) -> None:
-        expired, trimmed = await self.store.write(sql_messages.sweep, self.clock(), self.inbox_limit)
+        """Expire what outlived its TTL and trim overfull inboxes, a bounded batch per write job."""
+        expired = 0
+        while True:
+            n = await self.store.write(sql_messages.expire_batch, self.clock(), EXPIRY_BATCH)
+            expired += n
+            if n < EXPIRY_BATCH:
+                break
         self.counters["expired"] += expired
-        for device_id, through in trimmed:
+        trimmed = 0
+        for device_id in await self.store.read(sql_messages.select_overfull, self.inbox_limit):
+            through = await self.store.write(sql_messages.trim_inbox, device_id, self.inbox_limit, self.clock())
             device = self.directory.by_id.get(device_id)
-            if device is not None:
+            if device is not None and through is not None:
                 device.dropped_through = max(device.dropped_through, through)
+                trimmed += 1
         if expired or trimmed:
-            log.info("event=swept expired=%d trimmed_inboxes=%d", expired, len(trimmed))
+            log.info("event=swept expired=%d trimmed_inboxes=%d", expired, trimmed)
+
+    async def purge(self, before: float) -> int:
+        """Retention: delete finished inbox rows and messages created before `before`, a bounded batch per
+        write job; returns the inbox rows deleted."""
+        cutoff_id = sql_messages.retention_cutoff_id(before)
+        deleted, after_row = 0, (0, 0)
+        while True:
+            next_row, n = await self.store.write(sql_messages.purge_deliveries_batch, cutoff_id, after_row,
+                                                 MAINTENANCE_BATCH)
+            deleted += n
+            if next_row is None:
+                break
+            after_row = next_row
+        after_id: str | None = ""
+        messages = 0
+        while after_id is not None:
+            after_id, n = await self.store.write(sql_messages.purge_messages_batch, cutoff_id, after_id,
+                                                 MAINTENANCE_BATCH)
+            messages += n
+        log.info("event=purged deliveries=%d messages=%d", deleted, messages)
+        return deleted
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -368,6 +465,23 @@ class Dispatcher:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self.flush_marks(final=True)
+
+
+def _read_catch_up(conn: Any, device: int, cursor: int, now: float) -> tuple[list[Any], list[Any]]:
+    """A hello's first read, in one trip to the read pool: the pending pushes above the cursor and the
+    first page of those the device will never get."""
+    return (sql_messages.select_pending(conn, device, cursor, now),
+            sql_messages.select_skipped(conn, device, cursor, now, MAX_GAP_ENTRIES))
+
+
+def _run_confirmations(written: asyncio.Future[Any], confirmations: list[Callable[[], None]]) -> None:
+    if written.cancelled() or written.exception() is not None:
+        return  # not committed: unconfirmed, so the device sends the ack again
+    for confirm in confirmations:
+        try:
+            confirm()
+        except Exception:
+            log.exception("event=confirm_failed")
 
 
 def _write_marks(conn: Any, delivered: list[tuple[float, int, int]], by_seq: list[Any], by_id: list[Any],

@@ -2,8 +2,9 @@
 through the configured fallback sender, at most once per (push, device, channel).
 
 Rows live in the store (`escalations`), so a burst is queued on disk, survives a restart, and drains at
-each channel's rate limit. A send is marked `sending` (committed) before it starts; a row found in that
-state at start is recorded as `interrupted` and not sent again: at most once, never silently.
+each channel's rate limit. A send is marked `sending` (committed) before it starts; a graceful stop lets
+such sends finish (up to its timeout), and a row still found in that state at the next start is recorded
+as `interrupted` and not sent again: at most once, never silently.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ log = logging.getLogger("appliance.dispatch")
 
 QUEUE_PER_CHANNEL = 200
 SCAN_IDLE_S = 1.0
+# systemd's TimeoutStopSec is 30 s (image/intrapush.service); a send in flight gets most of it, the rest of
+# the stop (broker, last writes, checkpoint) needs a few seconds.
+STOP_TIMEOUT_S = 20.0
 SKIP_STATES = {
     sql_messages.ACKED: "acked",
     sql_messages.CANCELLED: "cancelled",
@@ -93,6 +97,8 @@ class Escalator:
         self.inflight: set[tuple[str, int, str]] = set()
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task[Any]] = []
+        self.workers: dict[asyncio.Task[Any], bool] = {}  # channel worker -> is a send under way
+        self.stopping = False
         self.counters = {"sent": 0, "failed": 0, "retried": 0, "skipped": 0}
 
     async def start(self) -> None:
@@ -102,7 +108,9 @@ class Escalator:
                         "sends under way at the last stop are recorded as interrupted, not repeated")
         self.tasks.append(asyncio.create_task(self._scan_forever()))
         for channel in self.senders:
-            self.tasks.append(asyncio.create_task(self._work(channel)))
+            task = asyncio.create_task(self._work(channel))
+            self.workers[task] = False
+            self.tasks.append(task)
 
     def poke(self) -> None:
         """A push with fallback was accepted: rescan soon (its deadline may be short)."""
@@ -141,7 +149,7 @@ class Escalator:
         settings = self.settings[channel]
         limit = RateLimit(settings.rate_per_min)
         queue = self.queues[channel]
-        while True:
+        while not self.stopping:
             message_id, device, _, attempts = await queue.get()
             key = (message_id, device, channel)
             try:
@@ -151,22 +159,20 @@ class Escalator:
                 await self._finish(key, sql.FAILED, attempts + 1, "internal_error", None)
             finally:
                 self.inflight.discard(key)
+                self.workers[asyncio.current_task()] = False  # type: ignore[index]
 
     async def _escalate(self, key: tuple[str, int, str], attempts: int, settings: ChannelSettings,
                         limit: RateLimit) -> None:
         message_id, device, channel = key
         row = await self.store.read(sql.context, *key)
-        if row is None:
-            return
-        payload_text, policy_text, expires_at, delivery_state, phone, email, alias_phone, alias_email, token = row
-        policy = json.loads(policy_text or "{}")
-        skip = SKIP_STATES.get(delivery_state)
-        if skip is None and (delivery_state == sql_messages.EXPIRED or self.clock() >= expires_at):
-            skip = None if policy.get("even_if_expired") else "expired"
+        skip = self._skip_reason(row)
         if skip is not None:
             self.counters["skipped"] += 1
             await self._finish(key, sql.SKIPPED, attempts, skip, None)
             return
+        assert row is not None
+        payload_text, policy_text, _expires, _state, _ack, phone, email, alias_phone, alias_email, token = row
+        policy = json.loads(policy_text or "{}")
         to = (phone or alias_phone) if channel == "sms" else (email or alias_email)
         if not to:
             await self._finish(key, sql.FAILED, attempts, "no_contact", None)
@@ -174,11 +180,13 @@ class Escalator:
             return
         await limit.wait()
         # Re-read after the rate-limit wait: an ack that arrived meanwhile cancels the send.
-        row = await self.store.read(sql.context, *key)
-        if row is not None and row[3] in SKIP_STATES:
+        skip = self._skip_reason(await self.store.read(sql.context, *key))
+        if skip is not None:
             self.counters["skipped"] += 1
-            await self._finish(key, sql.SKIPPED, attempts, SKIP_STATES[row[3]], None)
+            await self._finish(key, sql.SKIPPED, attempts, skip, None)
             return
+        # From here to the outcome's record the send is under way: a graceful stop waits for it.
+        self.workers[asyncio.current_task()] = True  # type: ignore[index]
         committed = await self.store.write(sql.set_state, key, sql.SENDING, attempts + 1, self.clock(), None, None,
                                            self.clock())
         if not committed:
@@ -209,15 +217,44 @@ class Escalator:
         log.info("event=escalated id=%s token=%s channel=%s transport=%s", message_id, token, channel,
                  receipt.transport)
 
+    def _skip_reason(self, row: tuple[Any, ...] | None) -> str | None:
+        """Why an escalation must not be sent, or None. An acked push is never escalated, whatever state its
+        inbox row shows; a push whose message or inbox row retention removed is not either (#10)."""
+        if row is None:
+            return "purged"  # the message is gone: the escalation goes with it, never re-selected
+        _payload, policy_text, expires_at, delivery_state, ack, *_ = row
+        if delivery_state is None:
+            return "purged"
+        if ack is not None:
+            return "acked"
+        skip = SKIP_STATES.get(delivery_state)
+        if skip is None and (delivery_state == sql_messages.EXPIRED or self.clock() >= expires_at):
+            skip = None if json.loads(policy_text or "{}").get("even_if_expired") else "expired"
+        return skip
+
     async def _finish(self, key: tuple[str, int, str], state: int, attempts: int, reason: str | None,
                       receipt: str | None, next_at: float | None = None) -> None:
         now = self.clock()
         await self.store.write(sql.set_state, key, state, attempts, now if next_at is None else next_at, reason,
                                receipt, now)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop taking escalations; let sends under way finish and record their outcome, up to `timeout_s`.
+        A send still under way then is cancelled, stays `sending`, and the next start records it as
+        `interrupted` without sending again (at most once per channel)."""
+        self.stopping = True
+        sending = [task for task, busy in self.workers.items() if busy and not task.done()]
         for task in self.tasks:
-            task.cancel()
+            if task not in sending:
+                task.cancel()
+        if sending:
+            log.info("event=fallback_draining sends=%d timeout_s=%.0f", len(sending), timeout_s)
+            _done, late = await asyncio.wait(sending, timeout=timeout_s)
+            if late:
+                log.warning("event=fallback_stop_timeout sends=%d note=%s", len(late),
+                            "recorded as interrupted at the next start, not sent again")
+            for task in late:
+                task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for sender in self.senders.values():
             try:

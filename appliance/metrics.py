@@ -16,6 +16,8 @@ HELP = {
     "intrapush_devices_enrolled": ("gauge", "active device tokens"),
     "intrapush_store_commits_total": ("counter", "SQLite transactions committed by the writer"),
     "intrapush_store_writes_total": ("counter", "writes committed (several per transaction when grouped)"),
+    "intrapush_mqtt_connects_throttled_total": ("counter", "MQTT connections closed at accept: their source address "
+                                                "was over its connect rate or connection cap"),
 }
 
 
@@ -33,6 +35,7 @@ def snapshot(dispatcher: Any, broker: Any, store: Any, directory: Any) -> dict[s
         "intrapush_devices_enrolled": len(directory.by_id),
         "intrapush_store_commits_total": store.commits,
         "intrapush_store_writes_total": store.committed_writes,
+        "intrapush_mqtt_connects_throttled_total": broker.throttled,
     }
 
 

@@ -2,6 +2,7 @@
 
 amqtt 0.12.1 accepts the socket and owns the listeners; each connection is then served here, because
 its own session layer cannot face real devices (see docs/architecture.md, "Embedded broker"):
+  - a source address over its connect rate or connection cap is closed right after accept, before TLS;
   - authentication runs before any session state is touched (a wrong password cannot take over);
   - a complete CONNECT must arrive within `connect_timeout_s`, as the first packet;
   - keepalive is enforced: a client silent for keepalive x grace is closed and reported offline;
@@ -15,9 +16,12 @@ its own session layer cannot face real devices (see docs/architecture.md, "Embed
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import ssl
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -36,6 +40,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 
 from appliance.broker import topics
+from appliance.broker.admission import ADMITTED, Admission
 from appliance.broker.backlog import ACCEPT_BACKLOG
 
 log = logging.getLogger("appliance.broker")
@@ -45,6 +50,7 @@ SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
 PINGRESP = b"\xd0\x00"
 _PACK_H = struct.Struct("!H").pack
 _UNPACK_H = struct.Struct("!H").unpack_from
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class ProtocolViolation(Exception):
@@ -57,6 +63,7 @@ class DeviceGate(Protocol):
     def authenticate(self, client_id: str, username: str | None, password: str | None) -> Any | None: ...
     def handle_connected(self, link: DeviceLink) -> None: ...
     def handle_publish(self, link: DeviceLink, kind: str, payload: bytes) -> None: ...
+    def handle_ack(self, link: DeviceLink, payload: bytes, confirm: Callable[[], None]) -> None: ...
     def handle_disconnected(self, link: DeviceLink, reason: str) -> None: ...
 
 
@@ -79,6 +86,10 @@ class BrokerLimits:
     max_keepalive_s: int = 1200
     keepalive_grace: float = 1.5
     max_write_buffer_bytes: int = 1 << 20
+    connect_rate_per_source: float = 0.0  # new connections per second per source address; 0: no limit
+    connect_burst_per_source: int = 100
+    max_connections_per_source: int = 0
+    limit_exempt: frozenset[str] = frozenset()
 
 
 class _Stream:
@@ -157,6 +168,67 @@ class _WebSocket:
 
     def abort(self) -> None:
         self.websocket.transport.abort()
+
+
+class _GatedListener:
+    """A TCP listener that accepts sockets itself, so a source over its limits is closed right after
+    accept(): before asyncio allocates a transport and before any TLS handshake (#10). What asyncio's
+    server would do next, it does through loop.connect_accepted_socket()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
+                 on_socket: Any) -> None:
+        self._loop = loop
+        self._on_socket = on_socket
+        self.sockets: list[socket.socket] = []
+        seen = set()
+        try:
+            for family, kind, proto, _, addr in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                   flags=socket.AI_PASSIVE):
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                sock = socket.socket(family, kind, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(ACCEPT_BACKLOG)
+                sock.setblocking(False)
+        except OSError:
+            self.close()
+            raise
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BACKLOG):
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of files: Linux keeps the socket readable, so pause accepting for a second (as asyncio does).
+                log.warning("event=accept_failed error=%s", errno.errorcode.get(exc.errno, exc.errno))
+                self._loop.remove_reader(sock.fileno())
+                self._loop.call_later(1.0, self._resume, sock)
+                return
+            self._on_socket(conn, addr)
+
+    def _resume(self, sock: socket.socket) -> None:
+        if sock.fileno() >= 0:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 class DeviceLink:
@@ -277,6 +349,9 @@ class EmbeddedBroker(Broker):
         self._connections: set[_Stream | _WebSocket] = set()
         self.accepted = 0
         self.refused = 0
+        self.throttled = 0  # connections closed at accept by the per-source limits (#10)
+        self.admission = Admission(limits.connect_rate_per_source, limits.connect_burst_per_source,
+                                   limits.max_connections_per_source, limits.limit_exempt)
 
     # amqtt's monitor walks every session each second to expire persistent sessions; there are none here.
     async def _session_monitor(self) -> None:
@@ -295,11 +370,12 @@ class EmbeddedBroker(Broker):
     async def _create_server_instance(self, listener_name: str, listener_type: ListenerType, address: str | None,
                                       port: int, ssl_context: ssl.SSLContext | None) -> Any:
         """TCP listeners with a deep accept backlog: amqtt keeps asyncio's 100, so a reconnect storm of
-        thousands of devices overflowed it and lost SYNs came back only after 1, 3, 7 s of retransmits."""
+        thousands of devices overflowed it and lost SYNs came back only after 1, 3, 7 s of retransmits. Each
+        accepted socket passes the per-source limits first (#10)."""
         if listener_type != ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
-        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
-                                          reuse_address=True, ssl=ssl_context, backlog=ACCEPT_BACKLOG)
+        return _GatedListener(asyncio.get_running_loop(), address or "", port,
+                              partial(self._handle_accepted, listener_name=listener_name))
 
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
         """The address each listener actually listens on (port 0 resolved), by our listener names."""
@@ -310,12 +386,62 @@ class EmbeddedBroker(Broker):
                 out[name] = sockets[0].getsockname()[:2]
         return out
 
-    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               listener_name: str) -> None:
-        await self._serve(listener_name, _Stream(reader, writer))
+    def _admit(self, address: str, listener_name: str) -> str | None:
+        """The admission key of a connection from `address` ("" when none is kept), or None: refused (#10)."""
+        verdict, key, to_log = self.admission.admit(address)
+        if verdict == ADMITTED:
+            return key
+        self.throttled += 1
+        if to_log:
+            log.warning("event=refused addr=%s listener=%s reason=%s refused=%d note=%r", address, listener_name,
+                        verdict, to_log, "connections from this source are refused for a while; logged once a minute")
+        return None
+
+    def _handle_accepted(self, sock: socket.socket, addr: Any, listener_name: str) -> None:
+        """A socket just accepted on a TCP listener: refused at once, or served (after TLS, on a TLS listener)."""
+        key = ""
+        if self.admission.is_active:
+            admitted = self._admit(addr[0], listener_name)
+            if admitted is None:
+                # A reset, not a FIN: no TIME_WAIT is left behind for a flood, and the client retries anyway.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                sock.close()
+                return
+            key = admitted
+        sock.setblocking(False)
+        asyncio.get_running_loop().create_task(self._serve_socket(listener_name, sock, key))
+
+    async def _serve_socket(self, listener_name: str, sock: socket.socket, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            reader = asyncio.StreamReader(loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            ctx = self.specs[listener_name].ssl_context
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=ctx,
+                    ssl_handshake_timeout=self.limits.connect_timeout_s if ctx is not None else None)
+            except Exception:  # noqa: BLE001 - a failed or timed-out TLS handshake: the loop closed the socket
+                return
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            await self._serve(listener_name, _Stream(reader, writer))
+        finally:
+            self.admission.release(key)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        await self._serve(listener_name, _WebSocket(websocket))
+        """A WebSocket connection, after websockets' TLS and HTTP upgrade: the per-source limits apply here."""
+        key = ""
+        if self.admission.is_active:
+            peer = websocket.remote_address
+            admitted = self._admit(peer[0] if peer else "?", listener_name)
+            if admitted is None:
+                websocket.transport.abort()
+                return
+            key = admitted
+        try:
+            await self._serve(listener_name, _WebSocket(websocket))
+        finally:
+            self.admission.release(key)
 
     async def shutdown(self) -> None:
         for link in list(self.links.values()):
@@ -516,11 +642,15 @@ class EmbeddedBroker(Broker):
                 raise ProtocolViolation("PUBLISH packet id 0")
             end += 2
         payload = body[end:]
+        kind = topics.device_publish_kind(link.client_id, topic)
+        if qos == 1 and kind == "ack":
+            # The PUBACK of an ack follows the ack's commit: a device that got it may forget the ack (#10).
+            self.gate.handle_ack(link, payload, partial(link.write_raw, b"\x40\x02" + _PACK_H(pid)))
+            return
         if qos == 1:
             link.write_raw(b"\x40\x02" + _PACK_H(pid))
         elif qos == 2:
             link.write_raw(b"\x50\x02" + _PACK_H(pid))
-        kind = topics.device_publish_kind(link.client_id, topic)
         if kind is None:
             # MQTT 3.1.1 cannot refuse a PUBLISH: it is acknowledged and dropped, as Mosquitto does.
             log.info("event=denied_publish client=%s topic=%r", link.client_id, topic[:128])

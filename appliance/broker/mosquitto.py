@@ -29,8 +29,8 @@ from urllib.parse import unquote, urlsplit
 
 from appliance.broker import topics
 from appliance.broker.mosquitto_child import (ACK_SHARE, ADMIN_USER, CA_BUNDLE, CRL_BUNDLE, ChildListener,
-                                            ChildSettings, MosquittoChild, TrustSources, device_acls,
-                                            device_role_name, free_ports)
+                                            ChildSettings, MosquittoChild, TrustSources, child_file_limit,
+                                            derived_max_connections, device_acls, device_role_name, free_ports)
 from appliance.broker.mqtt_client import MqttSession, topic_header
 from appliance.errors import StartupError
 
@@ -125,6 +125,7 @@ class MosquittoBroker:
         self.links: dict[str, VirtualLink] = {}
         self.accepted = 0
         self.refused = 0
+        self.throttled = 0  # Mosquitto has no per-source limit (docs/broker.md): nothing is closed at accept
         self._control: dict[str, tuple[dict[str, Any], asyncio.Future[None]]] = {}
         self._corr = itertools.count(1)
         self.child = MosquittoChild(settings.child, load_devices, self._child_started) if settings.child else None
@@ -417,11 +418,17 @@ def from_config(cfg: Any, specs: list[Any], gate: DeviceGate,
         # During a CA rotation the previous CA's device certificates stay trusted, as on the embedded backend.
         trust = TrustSources((cert_store.ca_pem, cert_store.previous_ca.cert),
                              (cert_store.crl_pem, cert_store.previous_ca.crl))
+        # Without a cap, enough connections from one peer exhaust Mosquitto's files, and then it can accept
+        # nobody, intrapush's own links included (#10): 0 derives the cap from the file limit it runs with.
+        file_limit = child_file_limit()
+        max_connections = b.max_connections or derived_max_connections(file_limit, len(listeners), PUBLISH_LANES)
+        log.info("event=mosquitto_limits file_limit=%d max_connections=%d listeners=%d source=%s", file_limit,
+                 max_connections, len(listeners), "config" if b.max_connections else "derived")
         child = ChildSettings(directory=directory, listeners=listeners,
                               max_packet_bytes=b.max_packet_bytes, max_keepalive_s=b.max_keepalive_s,
-                              max_queued_bytes=b.max_write_buffer_bytes, max_connections=b.max_connections,
+                              max_queued_bytes=b.max_write_buffer_bytes, max_connections=max_connections,
                               binary=b.mosquitto_bin, plugin=b.mosquitto_plugin, internal_port=internal,
-                              trust=trust if "required" in client_certs.values() else None)
+                              trust=trust if "required" in client_certs.values() else None, file_limit=file_limit)
     return MosquittoBroker(MosquittoSettings(child, b.url, b.max_keepalive_s), gate, load_devices)
 
 

@@ -16,6 +16,7 @@ import getpass
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from appliance.broker import topics
@@ -103,21 +105,50 @@ class ChildSettings:
     max_packet_bytes: int
     max_keepalive_s: int
     max_queued_bytes: int
-    max_connections: int
+    max_connections: int  # per device listener
     binary: str = "mosquitto"
     plugin: str = DYNSEC_PLUGIN
     internal_port: int = 0
     extra: list[str] = field(default_factory=list)
     trust: TrustSources | None = None  # set when a listener requires device certificates
+    file_limit: int = 0  # RLIMIT_NOFILE set in the child; 0 leaves ours
 
 
-def _die_with_parent() -> None:
+def _prepare_child(file_limit: int) -> None:
     """In the child before exec: Linux sends it SIGTERM when intrapush dies, even by kill -9, so no orphan
-    Mosquitto keeps the ports (and old logins) after a crash."""
+    Mosquitto keeps the ports (and old logins) after a crash; and its file limit is the one its
+    max_connections was derived from (#10)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if file_limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
+
+
+# Files Mosquitto holds besides client sockets: stdio, epoll, its listening sockets, the dynamic-security file
+# as it rewrites it, TLS files read at a reload. 64 is several times what 2.0.11 opens.
+FILE_RESERVE = 64
+
+
+def child_file_limit() -> int:
+    """The file limit (RLIMIT_NOFILE) Mosquitto runs with: our hard limit (systemd's LimitNOFILE, 200,000 in
+    image/intrapush.service), so the soft limit a shell or a unit left lower does not cap it unseen."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            hard = 1 << 20
+    return int(hard)
+
+
+def derived_max_connections(file_limit: int, device_listeners: int, own_links: int) -> int:
+    """`max_connections` per device listener when `broker.max_connections` is 0: the file limit less Mosquitto's
+    own files and intrapush's own links, shared out among the device listeners, so that all of them full
+    together still leave Mosquitto the files it needs (Mosquitto 2.0.11 counts per listener)."""
+    budget = file_limit - FILE_RESERVE - own_links
+    return max(1, budget // max(1, device_listeners))
 
 
 def free_ports(hosts: list[str]) -> list[int]:
@@ -283,7 +314,8 @@ class MosquittoChild:
         conf = self.settings.directory / "mosquitto.conf"
         proc = self.proc = subprocess.Popen([self.settings.binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True,
+                                            preexec_fn=partial(_prepare_child, self.settings.file_limit))
         exited = self._exited
 
         def relay() -> None:  # a thread, so a busy event loop never blocks Mosquitto on a full pipe

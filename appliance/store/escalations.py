@@ -15,7 +15,7 @@ FROM escalations e WHERE e.state = 0 AND e.next_at <= ? ORDER BY e.next_at LIMIT
 """
 SQL_NEXT_DUE = "SELECT min(next_at) FROM escalations WHERE state = 0"
 SQL_CONTEXT = """
-SELECT m.payload, m.fallback, m.expires_at, d.state, dv.phone, dv.email, ac.phone, ac.email, dv.token
+SELECT m.payload, m.fallback, m.expires_at, d.state, d.ack, dv.phone, dv.email, ac.phone, ac.email, dv.token
 FROM escalations e
 JOIN messages m ON m.id = e.message_id
 JOIN devices dv ON dv.id = e.device
@@ -63,7 +63,8 @@ def set_state(conn: sqlite3.Connection, key: tuple[str, int, str], state: int, a
 
 
 def mark_interrupted(conn: sqlite3.Connection, now: float) -> int:
-    """At start: a send that was under way when the box stopped may or may not have gone out."""
+    """At start: a send that was under way when the box stopped (a crash, or a graceful stop whose timeout
+    ran out) may or may not have gone out; it is not repeated."""
     return conn.execute(SQL_INTERRUPTED, (now,)).rowcount
 
 

@@ -22,21 +22,19 @@ SQL_INSERT_DELIVERY = """
 INSERT INTO deliveries (device, seq, message_id, state, expires_at, collapse_key, updated_at)
 VALUES (?, ?, ?, 0, ?, ?, ?)
 """
-SQL_KEEP_LAST_SEQ = """
-UPDATE devices SET last_seq = (SELECT max(seq) FROM deliveries WHERE device = devices.id)
-WHERE last_seq < coalesce((SELECT max(seq) FROM deliveries WHERE device = devices.id), 0)
-"""
 SQL_REPLACE_COLLAPSED = """
 UPDATE deliveries SET state = 5, updated_at = ?
 WHERE collapse_key = ? AND device = ? AND state < 2 AND collapse_key IS NOT NULL
 """
 SQL_MARK_DELIVERED = "UPDATE deliveries SET state = 1, updated_at = ? WHERE device = ? AND seq = ? AND state = 0"
+# An ack never overwrites a finished state (expired, cancelled, replaced, dropped, unregistered): the
+# device's ack rank is recorded beside it, so the status shows both (#10).
 SQL_MARK_ACKED_BY_SEQ = """
-UPDATE deliveries SET state = 2, ack = ?, updated_at = ?
+UPDATE deliveries SET state = CASE WHEN state < 2 THEN 2 ELSE state END, ack = ?, updated_at = ?
 WHERE device = ? AND seq = ? AND message_id = ? AND (ack IS NULL OR ack < ?)
 """
 SQL_MARK_ACKED_BY_ID = """
-UPDATE deliveries SET state = 2, ack = ?, updated_at = ?
+UPDATE deliveries SET state = CASE WHEN state < 2 THEN 2 ELSE state END, ack = ?, updated_at = ?
 WHERE message_id = ? AND device = ? AND (ack IS NULL OR ack < ?)
 """
 SQL_PENDING = """
@@ -49,7 +47,11 @@ SQL_DROP_THROUGH = """
 UPDATE deliveries SET state = 6, updated_at = ? WHERE device = ? AND seq <= ? AND state < 2
 """
 SQL_SET_DROPPED_THROUGH = "UPDATE devices SET dropped_through = max(dropped_through, ?) WHERE id = ?"
-SQL_EXPIRE = "UPDATE deliveries SET state = 3, updated_at = ? WHERE state < 2 AND expires_at <= ?"
+# Maintenance runs in bounded batches, each its own write job, so a 202 waits behind at most one batch (#10).
+SQL_EXPIRE_BATCH = """
+UPDATE deliveries SET state = 3, updated_at = ?
+WHERE (device, seq) IN (SELECT device, seq FROM deliveries WHERE state < 2 AND expires_at <= ? LIMIT ?)
+"""
 SQL_OVERFULL = "SELECT device, count(*) FROM deliveries WHERE state < 2 GROUP BY device HAVING count(*) > ?"
 SQL_NTH_PENDING = "SELECT seq FROM deliveries WHERE device = ? AND state < 2 ORDER BY seq DESC LIMIT 1 OFFSET ?"
 SQL_MESSAGE = """
@@ -64,11 +66,26 @@ WHERE d.message_id = ? ORDER BY d.device
 """
 SQL_CANCEL_MESSAGE = "UPDATE messages SET cancelled_at = ? WHERE id = ? AND app_id = ? AND cancelled_at IS NULL"
 SQL_CANCEL_DELIVERIES = "UPDATE deliveries SET state = 4, updated_at = ? WHERE message_id = ? AND state < 2"
-SQL_PURGE_DELIVERIES = "DELETE FROM deliveries WHERE state >= 2 AND updated_at < ?"
-SQL_PURGE_MESSAGES = """
-DELETE FROM messages WHERE created_at < ?
-AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id)
+SQL_SKIPPED = """
+SELECT seq, message_id, state FROM deliveries
+WHERE device = ? AND seq > ? AND ack IS NULL AND (state IN (3, 4, 5) OR (state < 2 AND expires_at <= ?))
+ORDER BY seq LIMIT ?
 """
+# Retention walks the inbox in primary-key order (each batch deletes from a few neighbouring pages, so its
+# commit writes little) and tells a push's age by its id, which starts with its creation time in
+# milliseconds: it needs no index of its own.
+SQL_INBOX_FROM = """
+SELECT device, seq, message_id, state FROM deliveries WHERE (device, seq) > (?, ?) ORDER BY device, seq LIMIT ?
+"""
+SQL_HELD_BY_ESCALATIONS = "SELECT DISTINCT message_id FROM escalations WHERE message_id < ? AND state <= 1"
+SQL_OLD_MESSAGES = "SELECT id FROM messages WHERE id < ? AND id > ? ORDER BY id LIMIT ?"
+SQL_HAS_PENDING_ESCALATION = "SELECT 1 FROM escalations WHERE message_id = ? AND state <= 1 LIMIT 1"
+SQL_HAS_DELIVERIES = "SELECT 1 FROM deliveries WHERE message_id = ? LIMIT 1"
+SQL_DELETE_DELIVERY = "DELETE FROM deliveries WHERE device = ? AND seq = ?"
+SQL_RAISE_LAST_SEQ = "UPDATE devices SET last_seq = max(last_seq, ?) WHERE id = ?"
+SQL_DELETE_ESCALATIONS = "DELETE FROM escalations WHERE message_id = ?"
+SQL_DELETE_MESSAGE = "DELETE FROM messages WHERE id = ?"
+SKIP_REASONS = {EXPIRED: "expired", CANCELLED: "cancelled", REPLACED: "replaced"}
 
 
 @dataclass(slots=True)
@@ -127,25 +144,91 @@ def drop_through(conn: sqlite3.Connection, device: int, seq: int, now: float) ->
     conn.execute(SQL_SET_DROPPED_THROUGH, (seq, device))
 
 
-def sweep(conn: sqlite3.Connection, now: float, inbox_limit: int) -> tuple[int, list[tuple[int, int]]]:
-    """Expire what outlived its TTL and trim overfull inboxes; returns (expired, [(device, dropped_through)])."""
-    expired = conn.execute(SQL_EXPIRE, (now, now)).rowcount
-    trimmed = []
-    for device, _count in conn.execute(SQL_OVERFULL, (inbox_limit,)).fetchall():
-        row = conn.execute(SQL_NTH_PENDING, (device, inbox_limit)).fetchone()
-        if row:
-            drop_through(conn, device, row[0], now)
-            trimmed.append((device, row[0]))
-    return expired, trimmed
+def expire_batch(conn: sqlite3.Connection, now: float, limit: int) -> int:
+    """Mark up to `limit` pending pushes whose TTL passed as expired; returns how many."""
+    return conn.execute(SQL_EXPIRE_BATCH, (now, now, limit)).rowcount
 
 
-def purge(conn: sqlite3.Connection, before: float) -> int:
-    """Delete finished inbox rows and messages older than the retention cutoff. Each device's highest seq
-    is kept in its devices row first: a device's seqs never go back, even when its inbox is empty."""
-    conn.execute(SQL_KEEP_LAST_SEQ)
-    n = conn.execute(SQL_PURGE_DELIVERIES, (before,)).rowcount
-    conn.execute(SQL_PURGE_MESSAGES, (before,))
-    return n
+def select_overfull(conn: sqlite3.Connection, inbox_limit: int) -> list[int]:
+    """Devices holding more than `inbox_limit` pending pushes (a read: it scans every pending row)."""
+    return [device for device, _count in conn.execute(SQL_OVERFULL, (inbox_limit,))]
+
+
+def trim_inbox(conn: sqlite3.Connection, device: int, inbox_limit: int, now: float) -> int | None:
+    """Drop a device's oldest pending pushes beyond `inbox_limit`; returns the seq dropped through."""
+    row = conn.execute(SQL_NTH_PENDING, (device, inbox_limit)).fetchone()
+    if row is None:
+        return None
+    drop_through(conn, device, row[0], now)
+    return int(row[0])
+
+
+def select_skipped(conn: sqlite3.Connection, device: int, after_seq: int, now: float,
+                   limit: int) -> list[tuple[int, str, str]]:
+    """Pushes above a cursor the device will never get and never acked: (seq, message_id, reason)."""
+    return [(seq, mid, SKIP_REASONS.get(state, "expired"))
+            for seq, mid, state in conn.execute(SQL_SKIPPED, (device, after_seq, now, limit))]
+
+
+def retention_cutoff_id(before: float) -> str:
+    """The smallest message id created at or after `before` (see dispatch.new_message_id)."""
+    return f"m{int(before * 1000):012x}"
+
+
+def purge_deliveries_batch(conn: sqlite3.Connection, cutoff_id: str, after: tuple[int, int],
+                           limit: int) -> tuple[tuple[int, int] | None, int]:
+    """Delete finished inbox rows of messages created before the cutoff among `limit` rows from `after`
+    (device, seq); returns (where to go on, or None when done; rows deleted).
+
+    A row whose message still has an escalation to run is kept: the escalation must see the ack (#10).
+    Each device's highest seq is kept in its devices row first: a device's seqs never go back."""
+    rows = conn.execute(SQL_INBOX_FROM, (after[0], after[1], limit)).fetchall()
+    if not rows:
+        return None, 0
+    held = {row[0] for row in conn.execute(SQL_HELD_BY_ESCALATIONS, (cutoff_id,))}
+    doomed, top = [], {}
+    for device, seq, mid, state in rows:
+        if state >= ACKED and mid < cutoff_id and mid not in held:
+            doomed.append((device, seq))
+            top[device] = seq  # rows come in seq order
+    conn.executemany(SQL_RAISE_LAST_SEQ, [(seq, device) for device, seq in top.items()])
+    conn.executemany(SQL_DELETE_DELIVERY, doomed)
+    last = rows[-1]
+    return ((last[0], last[1]) if len(rows) == limit else None), len(doomed)
+
+
+def purge_messages_batch(conn: sqlite3.Connection, cutoff_id: str, after: str,
+                         limit: int) -> tuple[str | None, int]:
+    """Delete messages created before the cutoff that have no inbox row left, with their escalations (an
+    escalation lives and dies with its message); at most `limit` looked at. Returns (go on from, deleted)."""
+    ids = [row[0] for row in conn.execute(SQL_OLD_MESSAGES, (cutoff_id, after, limit))]
+    deleted = 0
+    for mid in ids:
+        if conn.execute(SQL_HAS_DELIVERIES, (mid,)).fetchone() is not None:
+            continue
+        if conn.execute(SQL_HAS_PENDING_ESCALATION, (mid,)).fetchone() is not None:
+            continue
+        conn.execute(SQL_DELETE_ESCALATIONS, (mid,))
+        conn.execute(SQL_DELETE_MESSAGE, (mid,))
+        deleted += 1
+    return (ids[-1] if len(ids) == limit else None), deleted
+
+
+def purge(conn: sqlite3.Connection, before: float, batch: int = 1 << 62) -> int:
+    """Every purge batch in one go, on one connection (tests and `write_now`); the daemon runs the batches
+    as separate write jobs (dispatch.Dispatcher.purge)."""
+    cutoff_id = retention_cutoff_id(before)
+    deleted, after_row = 0, (0, 0)
+    while True:
+        next_row, n = purge_deliveries_batch(conn, cutoff_id, after_row, batch)
+        deleted += n
+        if next_row is None:
+            break
+        after_row = next_row
+    after_id: str | None = ""
+    while after_id is not None:
+        after_id, _ = purge_messages_batch(conn, cutoff_id, after_id, batch)
+    return deleted
 
 
 def cancel_message(conn: sqlite3.Connection, app_id: str, message_id: str, now: float) -> int | None:

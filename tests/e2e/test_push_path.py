@@ -105,6 +105,8 @@ def test_collapse_key_replaces_the_older_pending_push(shared_box: Box) -> None:
         other = send(api, {"token": enrollment["token"]}, title="unrelated")
         assert api.get(f"/v1/messages/{first['id']}").json()["counts"]["replaced"] == 1
     device = PahoDevice(enrollment, shared_box.mqtt_port).connect()
+    # The replaced push is not delivered, and the device is told why (#10).
+    assert device.next() == {"type": "gap", "skipped": [{"seq": 1, "id": first["id"], "reason": "replaced"}]}
     assert [device.next()["id"], device.next()["id"]] == [second["id"], other["id"]]
     assert device.nothing_within(0.3)
     device.close()
@@ -119,6 +121,7 @@ def test_expired_push_is_not_delivered(shared_box: Box) -> None:
         time.sleep(1.3)
         wait_for(lambda: api.get(f"/v1/messages/{short['id']}").json()["counts"]["expired"] == 1)
     device = PahoDevice(enrollment, shared_box.mqtt_port).connect()
+    assert device.next() == {"type": "gap", "skipped": [{"seq": 1, "id": short["id"], "reason": "expired"}]}
     assert device.next()["id"] == lasting["id"]
     assert device.nothing_within(0.3)
     device.close()
@@ -134,6 +137,7 @@ def test_cancelled_push_is_not_delivered(shared_box: Box) -> None:
         assert api.get(f"/v1/messages/{sent['id']}").json()["counts"]["cancelled"] == 1
         assert api.delete(f"/v1/messages/{sent['id']}").json()["cancelled"] == 0
     device = PahoDevice(enrollment, shared_box.mqtt_port).connect()
+    assert device.next() == {"type": "gap", "skipped": [{"seq": 1, "id": sent["id"], "reason": "cancelled"}]}
     assert device.nothing_within(0.5)
     device.close()
 
