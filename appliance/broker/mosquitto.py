@@ -92,9 +92,12 @@ class VirtualLink:
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Forget the link. A revoked or re-enrolled device is disconnected by Mosquitto itself when its
-        login is deleted; other reasons only stop deliveries until the device connects again."""
+        login is deleted; `abort` (a protocol error, a device over its message rate, #10) has Mosquitto
+        disconnect it; other reasons only stop deliveries until the device connects again."""
         if not self.closed:
             self._broker.drop_link(self, reason)
+            if abort:
+                self._broker.kick(self.client_id)
 
 
 @dataclass
@@ -306,6 +309,14 @@ class MosquittoBroker:
         await self._run_control({"command": "createRole", "rolename": role, "acls": device_acls(client_id)},
                                 {"command": "createClient", "username": client_id, "clientid": client_id,
                                  "password": password, "roles": [{"rolename": role}]})
+
+    def kick(self, client_id: str) -> None:
+        """Disconnect a device's connection, its login kept: disabling a client makes Mosquitto close its
+        connection, and enabling it at once lets the device log in again."""
+        task = asyncio.get_running_loop().create_task(self._run_control(
+            {"command": "disableClient", "username": client_id}, {"command": "enableClient", "username": client_id}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.warning("event=kick_failed client=%s error=%r", client_id, t.exception()))
 
     async def remove_device(self, client_id: str) -> None:
         """Delete the login, then its role; Mosquitto disconnects a client logged in with it."""

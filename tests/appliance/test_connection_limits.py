@@ -92,7 +92,7 @@ def _box(tmp_path: Path, **limits: str) -> Box:
 
 
 def _metric(box: Box, name: str) -> float:
-    for line in httpx.get(f"{box.url}/metrics").text.splitlines():
+    for line in httpx.get(box.metrics_url).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
