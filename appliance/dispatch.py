@@ -97,8 +97,9 @@ class DeviceLimits:
     """What one device connection may ask of the box (#10); docs/protocol.md, "Bounds"."""
 
     ack_ids_max: int = 100  # ids read from one ack; the rest are ignored (the device gets them again)
-    messages_per_s: float = 100.0  # hellos, plus one per acked id, refilled per second
-    messages_burst: float = 2000.0  # the bucket's size: a full inbox acked one push per message
+    messages_per_s: float = 100.0  # refilled per second: a hello costs 1 plus 1 per push its catch-up sends,
+    # an ack 1 per id it carries
+    messages_burst: float = 5000.0  # the bucket's size: a full inbox caught up and acked one push at a time, twice
     catch_up_page: int = 200  # pending pushes read per trip to the read pool during a catch-up
 
 
@@ -198,6 +199,8 @@ class Dispatcher:
             return
         if kind not in ("hello", "ack"):
             return  # "status" is the device's last will; presence already comes from the connection itself
+        if not self._admit(online, 0.0):
+            return  # in debt: dropped before it costs a parse
         doc = _device_doc(link.client_id, kind, payload)
         if doc is None:
             return
@@ -226,7 +229,8 @@ class Dispatcher:
 
     def _admit(self, online: Online, cost: float) -> bool:
         """Charge a device message to its connection's bucket; False (counted, and past the debt limit the
-        connection closed) when the device is over its rate."""
+        connection closed) when the device is over its rate. A cost of 0 only asks whether the device is in
+        debt, and a message dropped for that still costs 1."""
         limits = self.limits
         now = self.monotonic()
         tokens = min(limits.messages_burst, online.tokens + (now - online.refilled_at) * limits.messages_per_s)
@@ -234,9 +238,10 @@ class Dispatcher:
         if tokens >= cost:
             online.tokens = tokens - cost
             return True
-        online.tokens = tokens - cost
+        online.tokens = tokens - max(cost, 1.0)
         self.counters["device_throttled"] += 1
         if online.tokens < -limits.messages_burst:
+            online.tokens = -limits.messages_burst  # owed, at most: it gets back in after burst/rate seconds
             self.counters["devices_disconnected"] += 1
             log.warning("event=device_throttled client=%s action=disconnect rate=%g burst=%g", online.link.client_id,
                         limits.messages_per_s, limits.messages_burst)
@@ -246,16 +251,17 @@ class Dispatcher:
             log.info("event=device_throttled client=%s action=drop rate=%g burst=%g", online.link.client_id,
                      limits.messages_per_s, limits.messages_burst)
         return False
-        # "status" is the device's last will; presence already comes from the connection itself.
 
     def handle_ack(self, link: Link, payload: bytes, confirm: Callable[[], None]) -> None:
         """An ack PUBLISH from a broker that lets us confirm it (the embedded one): `confirm` sends its
         PUBACK, and runs only once the ack is committed, so a PUBACKed ack survives a crash (#10)."""
+        online = self.online.get(link.principal.id)
+        if online is not None and online.link is link and not self._admit(online, 0.0):
+            return  # in debt: dropped unconfirmed before it costs a parse
         doc = _device_doc(link.client_id, "ack", payload)
         if doc is None:
             confirm()  # nothing to record: nothing to wait for
             return
-        online = self.online.get(link.principal.id)
         if online is not None and online.link is link:
             if not self._admit(online, _ack_cost(doc, self.limits.ack_ids_max)):
                 return  # unconfirmed: a device that resends it after a reconnect gets it recorded then
@@ -404,6 +410,7 @@ class Dispatcher:
             for seq, mid, payload in rows:
                 if seq > entry.sent_through:
                     self._send(entry, seq, mid, payload[1:].encode())
+            entry.tokens -= len(rows)  # what a hello makes the box send is the device's to pay for (#10)
             if len(rows) < page_size and not entry.requery:
                 return
 

@@ -444,3 +444,21 @@ def test_a_foreground_write_goes_ahead_of_queued_background_writes(tmp_path: Pat
     finally:
         store.close()
     assert order == ["fg", "bg0", "bg1", "bg2", "bg3", "bg4"]
+
+
+def test_the_pushes_a_hello_makes_the_box_resend_count_against_the_device(tmp_path: Path) -> None:
+    async def scenario(dispatcher: Dispatcher, data: BoxData, device: Device) -> None:
+        link = connect(dispatcher, device)
+        for _ in range(3):  # each replays all five: 1 + 5 a time, and the bucket holds 12
+            dispatcher.handle_publish(link, "hello", b'{"cursor": 0}')  # type: ignore[arg-type]
+            await settle(dispatcher)
+        assert link.pushes() == [1, 2, 3, 4, 5] * 2
+        assert dispatcher.counters["device_throttled"] == 1
+
+    def build(data: BoxData) -> Device:
+        device = data.device()
+        for _ in range(5):
+            data.push_to(device)
+        return device
+
+    run_with_store(tmp_path, build, scenario, DeviceLimits(messages_per_s=0.01, messages_burst=12.0))
