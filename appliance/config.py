@@ -151,7 +151,7 @@ SETTINGS: tuple[Setting, ...] = (
       minimum=1, maximum=1000),
     S("limits", "device_messages_per_s", 100.0, "a device's messages per second: a hello costs 1 plus 1 per push it makes the box resend, an ack 1 per id; the excess is dropped",
       minimum=0.01),
-    S("limits", "device_messages_burst", 5000.0, "device messages allowed at once above the rate; a device over it by as much again is disconnected",
+    S("limits", "device_messages_burst", 5000.0, "device messages allowed at once above the rate; a device over it that keeps on for another second's worth is disconnected",
       minimum=1),
     S("limits", "catch_up_page", 200, "pending pushes read per trip to the store while catching a device up", minimum=1,
       maximum=10000),

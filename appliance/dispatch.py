@@ -114,8 +114,8 @@ class Online:
     buffer: list[tuple[int, str, bytes]] = field(default_factory=list)
     sent: dict[str, int] = field(default_factory=dict)
     requery: bool = False
-    # The device's message budget, a token bucket that may run down to -burst: a message finding less than
-    # its cost is dropped, and a device whose debt passes the burst is disconnected.
+    # The device's message budget, a token bucket that may run into debt: a message finding less than its
+    # cost is dropped, and a device owing more than a second's worth of its rate is disconnected.
     tokens: float = 0.0
     refilled_at: float = 0.0
     next_hello: int | None = None  # a hello that came during a catch-up: the catch-up runs again from it
@@ -199,7 +199,7 @@ class Dispatcher:
             return
         if kind not in ("hello", "ack"):
             return  # "status" is the device's last will; presence already comes from the connection itself
-        if not self._admit(online, 0.0):
+        if not self._admit(online, 0.0, self._estimate(payload)):
             return  # in debt: dropped before it costs a parse
         doc = _device_doc(link.client_id, kind, payload)
         if doc is None:
@@ -227,10 +227,14 @@ class Dispatcher:
         online.state, online.buffer = CATCHING_UP, []  # now, so a hello right behind this one coalesces
         self._spawn(self._catch_up(online, cursor))
 
-    def _admit(self, online: Online, cost: float) -> bool:
+    def _estimate(self, payload: bytes) -> float:
+        """What an unparsed message costs: an ack id takes some 32 bytes of JSON."""
+        return float(max(1, min(len(payload) >> 5, self.limits.ack_ids_max)))
+
+    def _admit(self, online: Online, cost: float, dropped_cost: float = 1.0) -> bool:
         """Charge a device message to its connection's bucket; False (counted, and past the debt limit the
         connection closed) when the device is over its rate. A cost of 0 only asks whether the device is in
-        debt, and a message dropped for that still costs 1."""
+        debt; a message dropped for that costs `dropped_cost`."""
         limits = self.limits
         now = self.monotonic()
         tokens = min(limits.messages_burst, online.tokens + (now - online.refilled_at) * limits.messages_per_s)
@@ -238,9 +242,9 @@ class Dispatcher:
         if tokens >= cost:
             online.tokens = tokens - cost
             return True
-        online.tokens = tokens - max(cost, 1.0)
+        online.tokens = tokens - (cost or dropped_cost)
         self.counters["device_throttled"] += 1
-        if online.tokens < -limits.messages_burst:
+        if online.tokens < -limits.messages_per_s:  # over the burst, and it kept on for another second's worth
             online.tokens = -limits.messages_burst  # owed, at most: it gets back in after burst/rate seconds
             self.counters["devices_disconnected"] += 1
             log.warning("event=device_throttled client=%s action=disconnect rate=%g burst=%g", online.link.client_id,
@@ -256,7 +260,7 @@ class Dispatcher:
         """An ack PUBLISH from a broker that lets us confirm it (the embedded one): `confirm` sends its
         PUBACK, and runs only once the ack is committed, so a PUBACKed ack survives a crash (#10)."""
         online = self.online.get(link.principal.id)
-        if online is not None and online.link is link and not self._admit(online, 0.0):
+        if online is not None and online.link is link and not self._admit(online, 0.0, self._estimate(payload)):
             return  # in debt: dropped unconfirmed before it costs a parse
         doc = _device_doc(link.client_id, "ack", payload)
         if doc is None:
