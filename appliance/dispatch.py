@@ -395,7 +395,9 @@ class Dispatcher:
             cursor = device.last_seq
         entry.sent_through = cursor
         page_size = self.limits.catch_up_page
-        overflow, skipped = await self.store.read(_read_catch_up, device.id, cursor, self.clock(), self.inbox_limit)
+        entry.requery = False
+        overflow, skipped, rows = await self.store.read(_read_catch_up, device.id, cursor, self.clock(),
+                                                        self.inbox_limit, page_size)
         if entry.link.closed or self.online.get(device.id) is not entry:
             return
         if overflow is not None:
@@ -405,12 +407,15 @@ class Dispatcher:
             self._send_resync(entry, device.dropped_through)
         if skipped:
             await self._send_gaps(entry, skipped, device.dropped_through)
+        first = True
         while not entry.link.closed and self.online.get(device.id) is entry and entry.next_hello is None:
-            entry.requery = False
-            rows = await self.store.read(sql_messages.select_pending, device.id,
-                                         max(entry.sent_through, device.dropped_through), self.clock(), page_size)
-            if entry.link.closed or self.online.get(device.id) is not entry:
-                return
+            if not first:
+                entry.requery = False
+                rows = await self.store.read(sql_messages.select_pending, device.id,
+                                             max(entry.sent_through, device.dropped_through), self.clock(), page_size)
+                if entry.link.closed or self.online.get(device.id) is not entry:
+                    return
+            first = False
             for seq, mid, payload in rows:
                 if seq > entry.sent_through:
                     self._send(entry, seq, mid, payload[1:].encode())
@@ -615,12 +620,14 @@ class Dispatcher:
         self.flush_marks(final=True)
 
 
-def _read_catch_up(conn: Any, device: int, cursor: int, now: float,
-                   inbox_limit: int) -> tuple[int | None, list[Any]]:
+def _read_catch_up(conn: Any, device: int, cursor: int, now: float, inbox_limit: int,
+                   page: int) -> tuple[int | None, list[Any], list[Any]]:
     """A hello's first read, in one trip to the read pool: the seq through which the inbox overflowed
-    (None: it did not) and the first page of the pushes above the cursor the device will never get."""
-    return (sql_messages.select_overflow(conn, device, cursor, now, inbox_limit),
-            sql_messages.select_skipped(conn, device, cursor, now, MAX_GAP_ENTRIES))
+    (None: it did not), the first page of the pushes above the cursor the device will never get, and the
+    first page of those it will."""
+    overflow = sql_messages.select_overflow(conn, device, cursor, now, inbox_limit)
+    return (overflow, sql_messages.select_skipped(conn, device, cursor, now, MAX_GAP_ENTRIES),
+            sql_messages.select_pending(conn, device, max(cursor, overflow or 0), now, page))
 
 
 def _run_confirmations(written: asyncio.Future[Any], confirmations: list[Callable[[], None]]) -> None:
