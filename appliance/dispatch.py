@@ -174,7 +174,10 @@ class Dispatcher:
         if device.id not in self.directory.by_id:  # revoked between CONNECT and now
             link.close("revoked")
             return
+        previous = self.online.get(device.id)  # a connection taking over from one not yet gone
         tokens, refilled_at = self._buckets.pop(device.id, (self.limits.messages_burst, self.monotonic()))
+        if previous is not None:
+            tokens, refilled_at = previous.tokens, previous.refilled_at
         self.online[device.id] = Online(device, link, tokens=tokens, refilled_at=refilled_at)
         self._seen[device.id] = self.clock()
         self._schedule_flush()

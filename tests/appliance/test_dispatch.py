@@ -464,3 +464,15 @@ def test_the_pushes_a_hello_makes_the_box_resend_count_against_the_device(tmp_pa
         return device
 
     run_with_store(tmp_path, build, scenario, DeviceLimits(messages_per_s=0.01, messages_burst=12.0))
+
+
+def test_a_connection_taking_over_from_one_not_yet_gone_keeps_its_budget(tmp_path: Path) -> None:
+    async def scenario(dispatcher: Dispatcher, data: BoxData, device: Device) -> None:
+        first = connect(dispatcher, device)
+        dispatcher.handle_publish(first, "hello", b'{"cursor": 0}')  # type: ignore[arg-type]
+        second = connect(dispatcher, device)  # before the first one's disconnect was seen
+        dispatcher.handle_publish(second, "hello", b'{"cursor": 0}')  # type: ignore[arg-type]
+        assert dispatcher.counters["device_throttled"] == 1
+
+    run_with_store(tmp_path, lambda data: data.device(), scenario,
+                   DeviceLimits(messages_per_s=0.01, messages_burst=1.0))
