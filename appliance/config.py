@@ -144,6 +144,17 @@ SETTINGS: tuple[Setting, ...] = (
     S("limits", "app_pushes_per_s", 0.0, "pushes one app may send per second (429 beyond); 0 is no limit", minimum=0),
     S("limits", "app_targets_per_min", 0.0, "devices one app's pushes may reach per minute (429 beyond); 0 is no limit",
       minimum=0),
+    # Per device connection (#10). A phone acks each push as it shows it: a full inbox (1,000) caught up
+    # and acked one by one costs 2,000, which fits the burst twice over; 100 a second sustained is far
+    # beyond any app, and holds a flood of 1,000-id acks or of replaying hellos to 100 rows a second each.
+    S("limits", "device_ack_ids_max", 100, "ids read from one device ack; further ids are ignored (the push comes again)",
+      minimum=1, maximum=1000),
+    S("limits", "device_messages_per_s", 100.0, "a device's messages per second: a hello costs 1 plus 1 per push it makes the box resend, an ack 1 per id; the excess is dropped",
+      minimum=0.01),
+    S("limits", "device_messages_burst", 5000.0, "device messages allowed at once above the rate; a device over it that keeps on for another second's worth is disconnected",
+      minimum=1),
+    S("limits", "catch_up_page", 200, "pending pushes read per trip to the store while catching a device up", minimum=1,
+      maximum=10000),
     # --- log ------------------------------------------------------------------------------------
     S("log", "level", "info", "log level", choices=("debug", "info", "warning", "error")),
     S("log", "format", "text", "log format", choices=("text", "json")),

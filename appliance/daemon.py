@@ -29,7 +29,7 @@ from appliance.broker.embedded import BrokerLimits, EmbeddedBroker, ListenerSpec
 from appliance.config import Config, parse_listen
 from appliance.datadir import RUN_FILE
 from appliance.directory import Directory
-from appliance.dispatch import Dispatcher
+from appliance.dispatch import DeviceLimits, Dispatcher
 from appliance.errors import StartupError
 from appliance.escalation import ChannelSettings, Escalator
 from appliance.store import Store
@@ -97,7 +97,9 @@ class Daemon:
         cfg = self.cfg
         store = self.store = Store(cfg.path("store.path"), cfg.store.synchronous, cfg.store.max_group)
         store.start()
-        dispatcher = self.dispatcher = Dispatcher(store, self.directory, cfg.push.inbox_limit)
+        lim = cfg.limits
+        dispatcher = self.dispatcher = Dispatcher(store, self.directory, cfg.push.inbox_limit, limits=DeviceLimits(
+            lim.device_ack_ids_max, lim.device_messages_per_s, lim.device_messages_burst, lim.catch_up_page))
         cert_store = CertStore(cfg.path("certs.dir"), passphrase=cfg.certs.ca_passphrase or None)
         accounts = Accounts(store, self.directory, dispatcher.drop_device, cert_store)
         accounts.load()

@@ -18,6 +18,14 @@ HELP = {
     "intrapush_store_writes_total": ("counter", "writes committed (several per transaction when grouped)"),
     "intrapush_mqtt_connects_throttled_total": ("counter", "MQTT connections closed at accept: their source address "
                                                 "was over its connect rate or connection cap"),
+    "intrapush_device_ack_ids_bogus_total": ("counter", "acked ids naming no push in the device's inbox, dropped"),
+    "intrapush_device_ack_ids_ignored_total": ("counter", "acked ids beyond limits.device_ack_ids_max in one ack"),
+    "intrapush_device_messages_throttled_total": ("counter", "device hellos and acks dropped: over the device's "
+                                                  "message rate"),
+    "intrapush_device_hellos_refused_total": ("counter", "hellos whose cursor was not an int in [0, 2^63); "
+                                              "the connection was closed"),
+    "intrapush_devices_disconnected_total": ("counter", "device connections closed for keeping over their "
+                                             "message rate"),
 }
 
 
@@ -36,6 +44,11 @@ def snapshot(dispatcher: Any, broker: Any, store: Any, directory: Any) -> dict[s
         "intrapush_store_commits_total": store.commits,
         "intrapush_store_writes_total": store.committed_writes,
         "intrapush_mqtt_connects_throttled_total": broker.throttled,
+        "intrapush_device_ack_ids_bogus_total": c["ack_ids_bogus"],
+        "intrapush_device_ack_ids_ignored_total": c["ack_ids_ignored"],
+        "intrapush_device_messages_throttled_total": c["device_throttled"],
+        "intrapush_device_hellos_refused_total": c["hellos_refused"],
+        "intrapush_devices_disconnected_total": c["devices_disconnected"],
     }
 
 

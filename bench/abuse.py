@@ -354,6 +354,8 @@ def print_row(row: dict[str, Any]) -> None:
 
 def main() -> int:
     if sys.argv[1:2] == ["--flood-child"]:
+        # The box may close a hostile connection (#10); a write to it must fail with EPIPE, not kill the flood.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         print(json.dumps(asyncio.run(flood_child(json.loads(sys.stdin.read())))), flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

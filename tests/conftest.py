@@ -51,7 +51,7 @@ class Box:
         env = {**os.environ, "INTRAPUSH_API_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_LISTEN": "127.0.0.1:0",
                "INTRAPUSH_API_TLS_LISTEN": "127.0.0.1:0", "INTRAPUSH_BROKER_TLS_LISTEN": "127.0.0.1:0",
                "INTRAPUSH_BROKER_WSS_LISTEN": "", "INTRAPUSH_CERTS_NAMES": "localhost,127.0.0.1",
-               "INTRAPUSH_STORE_SYNCHRONOUS": "normal", "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0", **self.extra_env}
+               "INTRAPUSH_METRICS_LISTEN": "127.0.0.1:0", **self.extra_env}  # the shipped synchronous=full (#10)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(self.data_dir)],
                                      env=env, stdout=log, stderr=log)

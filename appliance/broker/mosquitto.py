@@ -67,6 +67,10 @@ class DeviceGate(Protocol):
     def handle_publish(self, link: VirtualLink, kind: str, payload: bytes) -> None: ...
     def handle_disconnected(self, link: VirtualLink, reason: str) -> None: ...
 
+# A device Mosquitto disconnected for the box (a protocol error, over its message rate) cannot log in again
+# for this long: long enough that a flooding client's reconnect loop costs nothing, short for a real app.
+KICK_HOLD_S = 10.0
+
 
 class VirtualLink:
     """One device connected to Mosquitto, as the dispatcher sees it."""
@@ -92,9 +96,12 @@ class VirtualLink:
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Forget the link. A revoked or re-enrolled device is disconnected by Mosquitto itself when its
-        login is deleted; other reasons only stop deliveries until the device connects again."""
+        login is deleted; `abort` (a protocol error, a device over its message rate, #10) has Mosquitto
+        disconnect it; other reasons only stop deliveries until the device connects again."""
         if not self.closed:
             self._broker.drop_link(self, reason)
+            if abort:
+                self._broker.kick(self.client_id)
 
 
 @dataclass
@@ -127,6 +134,7 @@ class MosquittoBroker:
         self.refused = 0
         self.throttled = 0  # Mosquitto has no per-source limit (docs/broker.md): nothing is closed at accept
         self._control: dict[str, tuple[dict[str, Any], asyncio.Future[None]]] = {}
+        self._kicked: dict[str, float] = {}  # client id -> when the box last had Mosquitto disconnect it
         self._corr = itertools.count(1)
         self.child = MosquittoChild(settings.child, load_devices, self._child_started) if settings.child else None
         self.session: MqttSession = None  # type: ignore[assignment]  # built in start()
@@ -306,6 +314,28 @@ class MosquittoBroker:
         await self._run_control({"command": "createRole", "rolename": role, "acls": device_acls(client_id)},
                                 {"command": "createClient", "username": client_id, "clientid": client_id,
                                  "password": password, "roles": [{"rolename": role}]})
+
+    def kick(self, client_id: str) -> None:
+        """Disconnect a device's connection, its login kept: disabling a client makes Mosquitto close its
+        connection, and enabling it KICK_HOLD_S later lets the device log in again. Meanwhile its floods
+        stop at Mosquitto instead of coming through the relay (#10). (A restart re-enables it: the
+        dynamic-security file is written afresh from the store.)"""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        kicked = self._kicked
+        if kicked.get(client_id, -KICK_HOLD_S) > now - KICK_HOLD_S:
+            return  # already held: no command per message of a flood
+        kicked[client_id] = now
+        if len(kicked) > 10000:
+            del kicked[next(iter(kicked))]
+        self._control_later(client_id, "disableClient")
+        loop.call_later(KICK_HOLD_S, self._control_later, client_id, "enableClient")
+
+    def _control_later(self, client_id: str, command: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_control({"command": command, "username": client_id}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.info("event=kick_failed client=%s command=%s error=%r", client_id, command,
+                                        t.exception()))
 
     async def remove_device(self, client_id: str) -> None:
         """Delete the login, then its role; Mosquitto disconnects a client logged in with it."""

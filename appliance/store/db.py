@@ -3,6 +3,10 @@
 Every write is a function of a connection, queued to the writer thread; the writer runs as many
 queued writes as it finds (up to `max_group`) inside one `BEGIN IMMEDIATE` transaction, each in its
 own savepoint, then commits once. A write's future resolves only after that COMMIT returned.
+
+Writes come in two lanes: `write()` (a provider's push, an admin change) goes first; background writes
+(device acks and delivered marks, maintenance, escalation bookkeeping) join a transaction at most
+`background_per_commit` at a time, so device traffic never holds a 202 for more than a few jobs (#10).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -196,6 +201,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
+_WAKE = object()  # put on the main queue for each background job, so the writer wakes for it
+
+
 class _Job:
     __slots__ = ("fn", "args", "future", "loop")
 
@@ -219,11 +227,14 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class Store:
     """The database file: `write()` group-commits on the writer thread, `read()` uses a pool."""
 
-    def __init__(self, path: Path, synchronous: str = "full", max_group: int = 256, readers: int = 2) -> None:
+    def __init__(self, path: Path, synchronous: str = "full", max_group: int = 256, readers: int = 2,
+                 background_per_commit: int = 4) -> None:
         self.path = path
         self.synchronous = synchronous
         self.max_group = max_group
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.background_per_commit = background_per_commit
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # _Job, _WAKE or None (stop)
+        self._background: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
@@ -283,8 +294,18 @@ class Store:
         return future
 
     def write_later(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue a write nobody waits for (bookkeeping such as delivered marks)."""
-        self._queue.put(_Job(fn, args, None, None))
+        """Queue a background write nobody waits for (bookkeeping such as delivered marks)."""
+        self._background.append(_Job(fn, args, None, None))
+        self._queue.put(_WAKE)
+
+    def write_background(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue a background write (device traffic, maintenance): it never goes ahead of a `write()`, and at
+        most `background_per_commit` of them share a transaction; the future resolves after its commit."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._background.append(_Job(fn, args, future, loop))
+        self._queue.put(_WAKE)
+        return future
 
     def write_now(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a write on the caller's thread, outside the writer (only while the writer is stopped)."""
@@ -300,22 +321,33 @@ class Store:
 
     def _run_writer(self) -> None:
         conn = self._conn
+        main, background = self._queue, self._background
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_group:
+        while True:
+            batch: list[_Job] = []
+            if not background and not stopping:
+                first = main.get()  # sleep until a write (or a background write's wake-up) comes
+                if first is None:
+                    stopping = True
+                elif first is not _WAKE:
+                    batch.append(first)
+            while len(batch) < self.max_group:  # every queued foreground write first
                 try:
-                    job = self._queue.get_nowait()
+                    job = main.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
                     stopping = True
+                elif job is not _WAKE:
+                    batch.append(job)
+            for _ in range(self.background_per_commit):
+                if not background:
                     break
-                batch.append(job)
-            self._commit_batch(conn, batch)
+                batch.append(background.popleft())
+            if batch:
+                self._commit_batch(conn, batch)
+            elif stopping:
+                break
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []

@@ -41,8 +41,15 @@ SQL_PENDING = """
 SELECT d.seq, d.message_id, m.payload
 FROM deliveries d JOIN messages m ON m.id = d.message_id
 WHERE d.device = ? AND d.seq > ? AND d.state < 2 AND d.expires_at > ?
-ORDER BY d.seq
+ORDER BY d.seq LIMIT ?
 """
+# The seq that leaves `inbox_limit` pending pushes above it: a catch-up reads in pages, so it cannot count
+# the rows it reads to find the overflow (#10).
+SQL_NTH_PENDING_ABOVE = """
+SELECT seq FROM deliveries WHERE device = ? AND seq > ? AND state < 2 AND expires_at > ?
+ORDER BY seq DESC LIMIT 1 OFFSET ?
+"""
+SQL_IN_INBOX = "SELECT 1 FROM deliveries WHERE message_id = ? AND device = ?"
 SQL_DROP_THROUGH = """
 UPDATE deliveries SET state = 6, updated_at = ? WHERE device = ? AND seq <= ? AND state < 2
 """
@@ -125,17 +132,31 @@ def mark_delivered(conn: sqlite3.Connection, rows: list[tuple[float, int, int]])
 
 
 def mark_acked(conn: sqlite3.Connection, by_seq: list[tuple[int, float, int, int, str, int]],
-               by_id: list[tuple[int, float, str, int, int]]) -> None:
-    """Record acks; an ack only ever raises a row's ack rank (received < displayed < opened)."""
+               by_id: list[tuple[int, float, str, int, int]]) -> int:
+    """Record acks; an ack only ever raises a row's ack rank (received < displayed < opened). Returns how
+    many of the acks by message id named no push in that device's inbox (bogus: dropped, #10)."""
     if by_seq:
         conn.executemany(SQL_MARK_ACKED_BY_SEQ, by_seq)
-    if by_id:
-        conn.executemany(SQL_MARK_ACKED_BY_ID, by_id)
+    bogus = 0
+    for row in by_id:  # one by one: each must say whether it found its row
+        if conn.execute(SQL_MARK_ACKED_BY_ID, row).rowcount == 0 and \
+                conn.execute(SQL_IN_INBOX, (row[2], row[3])).fetchone() is None:
+            bogus += 1
+    return bogus
 
 
-def select_pending(conn: sqlite3.Connection, device: int, after_seq: int, now: float) -> list[tuple[int, str, str]]:
-    """Pending, unexpired pushes of a device above its cursor, in seq order: (seq, message_id, payload)."""
-    return conn.execute(SQL_PENDING, (device, after_seq, now)).fetchall()
+def select_pending(conn: sqlite3.Connection, device: int, after_seq: int, now: float,
+                   limit: int = -1) -> list[tuple[int, str, str]]:
+    """Pending, unexpired pushes of a device above its cursor, in seq order, at most `limit` (-1: all):
+    (seq, message_id, payload)."""
+    return conn.execute(SQL_PENDING, (device, after_seq, now, limit)).fetchall()
+
+
+def select_overflow(conn: sqlite3.Connection, device: int, after_seq: int, now: float, keep: int) -> int | None:
+    """The seq through which a device's pending pushes above `after_seq` must be dropped so that `keep`
+    remain, or None when no more than `keep` are pending."""
+    row = conn.execute(SQL_NTH_PENDING_ABOVE, (device, after_seq, now, keep)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def drop_through(conn: sqlite3.Connection, device: int, seq: int, now: float) -> None:

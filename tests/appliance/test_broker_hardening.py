@@ -292,7 +292,8 @@ def test_bad_json_from_a_device_is_ignored_and_the_box_keeps_serving(hardened_bo
     app = hardened_box.create_app("junk-" + uuid.uuid4().hex[:6])
     e = hardened_box.enroll(app, "junk")
     device = PahoDevice(e, hardened_box.mqtt_port).connect(cursor=None)
-    for junk in (b"not json", b"[1,2]", b'{"cursor":"x"}', b'{"cursor":-1}', b"\xff\xfe", b""):
+    # A hello whose cursor is not an int in [0, 2^63) closes the connection (tests/e2e/test_device_bounds.py).
+    for junk in (b"not json", b"[1,2]", b"\xff\xfe", b""):
         device.client.publish(e["hello_topic"], junk, qos=1).wait_for_publish(5)
         device.client.publish(e["ack_topic"], junk, qos=1).wait_for_publish(5)
     device.client.publish(e["ack_topic"], json.dumps({"ids": ["x"] * 5, "state": "eaten"}), qos=1).wait_for_publish(5)
