@@ -61,6 +61,9 @@ class Daemon:
         # The generator brings 20,000 devices from each of 127.0.0.1, .2, …: a storm measures the box, not the
         # per-source limits (#10), which exempt only 127.0.0.1 and ::1 by default.
         env["INTRAPUSH_BROKER_CONNECT_LIMIT_EXEMPT"] = ",".join(f"127.0.0.{n}" for n in range(1, 17))
+        # One provider process with up to 128 pooled connections stands for many app servers (#16's cap is 64
+        # per source address by default).
+        env["INTRAPUSH_API_MAX_CONNECTIONS_PER_ADDRESS"] = "1024"
         log = open(self.data_dir.parent / f"daemon-{self.backend}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--data-dir", str(self.data_dir)],
                                      env=env, stdout=log, stderr=log)
