@@ -146,7 +146,8 @@ class ProviderApi:
             "replaced": replaced,
         }
         if self.settings.websocket_url:
-            answer["websocket_url"] = self.settings.websocket_url.format(host=host)
+            # An IPv6 address goes in brackets in a URL (RFC 3986); `mqtt.host` stays bare, as sockets take it.
+            answer["websocket_url"] = self.settings.websocket_url.format(host=f"[{host}]" if ":" in host else host)
         if self.settings.tls_info:
             answer.update(self.settings.tls_info)
         return web.json_response(answer, status=201)

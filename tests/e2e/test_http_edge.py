@@ -31,7 +31,8 @@ def edge_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     b = Box(tmp_path_factory.mktemp("edge") / "box", env={
         "INTRAPUSH_API_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "INTRAPUSH_API_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "INTRAPUSH_API_MAX_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS),
-        "INTRAPUSH_API_MAX_CONNECTIONS": str(PER_LISTENER)}).start()
+        "INTRAPUSH_API_MAX_CONNECTIONS": str(PER_LISTENER),
+        "INTRAPUSH_BROKER_WS_LISTEN": "127.0.0.1:0"}).start()  # enrollment answers carry a websocket_url
     yield b
     b.stop()
 
@@ -265,6 +266,8 @@ def test_enrollment_tells_devices_the_validated_host(edge_box: Box, world: dict[
     a = send_raw(edge_box, request.replace(b"Host: localhost", b"Host: " + host))
     assert a.status == 201, a.raw
     assert a.json()["mqtt"]["host"] == expected
+    url_host = f"[{expected}]" if ":" in expected else expected  # an IPv6 address in brackets (RFC 3986)
+    assert a.json()["websocket_url"].startswith(f"ws://{url_host}:"), a.json()["websocket_url"]
 
 
 def test_enrollment_uses_the_configured_public_host(tmp_path: Path) -> None:
