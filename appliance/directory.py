@@ -62,12 +62,11 @@ class App:
                    row["secret_prev_hash"], row["secret_prev_until"] or 0.0, bool(row["require_ticket"]),
                    row["pushes_per_s"], row["targets_per_min"])
 
-    def enrollment_secret_matches(self, secret: str) -> bool:
-        digest = hash_secret(secret)
-        if hmac.compare_digest(digest, self.enrollment_secret_hash):
-            return True
-        return (self.secret_prev_hash is not None and time.time() < self.secret_prev_until
-                and hmac.compare_digest(digest, self.secret_prev_hash))
+    def credential(self, index: str) -> tuple[str, str | None, float]:
+        """("key" or "secret"): the current hash, the previous one and until when the previous works."""
+        if index == "key":
+            return self.api_key_hash, self.api_key_prev_hash, self.api_key_prev_until
+        return self.enrollment_secret_hash, self.secret_prev_hash, self.secret_prev_until
 
 
 @dataclass(slots=True, eq=False)
@@ -113,34 +112,35 @@ class Directory:
 
     # -- apps ------------------------------------------------------------------------------------
     def add_app(self, app: App) -> None:
-        """Add an app, or replace it (after a rotation): its current and previous key both map to it."""
+        """Add an app, or replace it (after a rotation): its current and previous key and secret map to it."""
         old = self.apps.get(app.id)
-        if old is not None:
-            for index, digest in ((self.app_by_key, old.api_key_hash), (self.app_by_key, old.api_key_prev_hash),
-                                  (self.app_by_secret, old.enrollment_secret_hash),
-                                  (self.app_by_secret, old.secret_prev_hash)):
+        for name, index in self._credential_indexes():
+            if old is not None:
+                for digest in old.credential(name)[:2]:
+                    index.pop(digest or "", None)
+            for digest in app.credential(name)[:2]:
                 if digest:
-                    index.pop(digest, None)
+                    index[digest] = app.id
         self.apps[app.id] = app
-        for index, digest in ((self.app_by_key, app.api_key_hash), (self.app_by_key, app.api_key_prev_hash),
-                              (self.app_by_secret, app.enrollment_secret_hash),
-                              (self.app_by_secret, app.secret_prev_hash)):
-            if digest:
-                index[digest] = app.id
         self.app_devices.setdefault(app.id, {})
 
+    def _credential_indexes(self) -> tuple[tuple[str, dict[str, str]], ...]:
+        return ("key", self.app_by_key), ("secret", self.app_by_secret)
+
     def app_for_key(self, api_key: str) -> App | None:
-        digest = hash_secret(api_key)
-        app_id = self.app_by_key.get(digest)
-        app = self.apps.get(app_id) if app_id else None
-        if app is not None and digest != app.api_key_hash and time.time() >= app.api_key_prev_until:
-            return None  # the previous key, past its grace period
-        return app
+        return self._app_for(self.app_by_key, "key", api_key)
 
     def app_for_secret(self, secret: str) -> App | None:
-        app_id = self.app_by_secret.get(hash_secret(secret))
-        app = self.apps.get(app_id) if app_id else None
-        return app if app is not None and app.enrollment_secret_matches(secret) else None
+        return self._app_for(self.app_by_secret, "secret", secret)
+
+    def _app_for(self, index: dict[str, str], name: str, credential: str) -> App | None:
+        """The app whose current credential this is, or whose previous one within its grace period."""
+        digest = hash_secret(credential)
+        app = self.apps.get(index.get(digest, ""))
+        if app is None:
+            return None
+        current, _, previous_until = app.credential(name)
+        return app if digest == current or time.time() < previous_until else None
 
     # -- devices ---------------------------------------------------------------------------------
     def add_device(self, device: Device) -> None:
